@@ -1,0 +1,1 @@
+"""Code shared by every conveyor Lambda function (shipped in each package via CodeUri: functions/)."""

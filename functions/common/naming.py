@@ -1,0 +1,78 @@
+"""Names derived from a dataset and one version of its uploaded object.
+
+Every name is a pure function of the object's identity, so a replayed event produces the same names and
+Step Functions' `ExecutionAlreadyExists` makes the replay harmless.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+SLUG_MAX = 40
+_NOT_SLUG = re.compile(r"[^a-z0-9]+")
+SLUG_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
+
+
+def slugify(name: str) -> str:
+    """Turn a dataset folder name into the slug used in resource names and the API path.
+
+    >>> slugify("My_Churn.v2")
+    'my-churn-v2'
+    """
+    slug = _NOT_SLUG.sub("-", name.lower()).strip("-")[:SLUG_MAX].strip("-")
+    if not slug:
+        raise ValueError(f"dataset name {name!r} has no letters or digits to name it by")
+    return slug
+
+
+def object_identity(bucket: str, key: str, version_id: str | None, etag: str | None) -> str:
+    """A stable hash of one version of one S3 object (versionId when the bucket has one, else ETag)."""
+    marker = f"v:{version_id}" if version_id and version_id != "null" else f"e:{(etag or '').strip(chr(34))}"
+    return hashlib.sha256(f"{bucket}\n{key}\n{marker}".encode()).hexdigest()
+
+
+def data_version(last_modified: datetime, identity: str) -> str:
+    """`YYYYMMDDTHHMMSSZ-<hash6>`: sortable by upload time, unique per object version."""
+    stamp = last_modified.astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
+    return f"{stamp}-{identity[:6]}"
+
+
+def execution_name(slug: str, identity: str) -> str:
+    """Step Functions execution name (at most 80 characters of [A-Za-z0-9-])."""
+    return f"{slug}-{identity[:32]}"
+
+
+@dataclass(frozen=True)
+class ResourceNames:
+    """Names of the SageMaker resources of one dataset version."""
+
+    training_job: str
+    model: str
+    endpoint_config: str
+    endpoint: str
+    model_package_group: str
+    variant: str
+
+    @classmethod
+    def for_version(cls, stack_name: str, slug: str, version: str) -> ResourceNames:
+        per_version = f"{slug}-{version}"[:63]
+        per_dataset = f"{stack_name}-{slug}"[:63].rstrip("-")
+        return cls(
+            training_job=per_version,
+            model=per_version,
+            endpoint_config=per_version,
+            endpoint=per_dataset,
+            model_package_group=per_dataset,
+            variant=version,
+        )
+
+    def as_dict(self) -> dict[str, str]:
+        return dict(self.__dict__)
+
+
+def endpoint_name(stack_name: str, slug: str) -> str:
+    """The endpoint that serves dataset `slug`; stable across retrains so the API URL never changes."""
+    return ResourceNames.for_version(stack_name, slug, "").endpoint

@@ -1,0 +1,80 @@
+"""EvaluateFunction (a Step Functions task): read the finished job's evaluation, publish it for the Model
+Registry, and tell the state machine what the gate and the deployment need."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlparse
+
+from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from botocore.exceptions import ClientError
+
+from common import aws
+from common.config import Settings
+from evaluate.core import evaluation_from_tarball, gate
+
+logger = Logger()
+tracer = Tracer()
+
+
+def _split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def _endpoint_exists(name: str) -> bool:
+    try:
+        aws.client("sagemaker").describe_endpoint(EndpointName=name)
+    except ClientError as error:
+        if error.response["Error"]["Code"] == "ValidationException" or "Could not find" in str(error):
+            return False
+        raise
+    return True
+
+
+def _ensure_model_package_group(name: str, dataset: str) -> None:
+    sagemaker = aws.client("sagemaker")
+    try:
+        sagemaker.describe_model_package_group(ModelPackageGroupName=name)
+        return
+    except ClientError as error:
+        if error.response["Error"]["Code"] not in ("ValidationException", "ResourceNotFound"):
+            raise
+    sagemaker.create_model_package_group(
+        ModelPackageGroupName=name,
+        ModelPackageGroupDescription=f"conveyor models of dataset {dataset}",
+        Tags=[{"Key": "conveyor:dataset", "Value": dataset}],
+    )
+    logger.info("created model package group", extra={"group": name})
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    settings = Settings.from_env()
+    names = event["names"]
+    logger.append_keys(dataset=event["dataset"], version=event["version"])
+    job = aws.client("sagemaker").describe_training_job(TrainingJobName=names["training_job"])
+    model_data_url = job["ModelArtifacts"]["S3ModelArtifacts"]
+    # SageMaker uploads SM_OUTPUT_DATA_DIR beside the model as output.tar.gz.
+    bucket, key = _split_s3(model_data_url.rsplit("/", 1)[0] + "/output.tar.gz")
+    archive = aws.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+    evaluation = evaluation_from_tarball(archive)
+
+    artifacts = settings.require("artifacts_bucket")
+    evaluation_key = f"evaluations/{event['dataset']}/{event['version']}/evaluation.json"
+    aws.client("s3").put_object(
+        Bucket=artifacts, Key=evaluation_key, Body=json.dumps(evaluation).encode(), ContentType="application/json"
+    )
+    decision = gate(evaluation, event["gate"].get("metric"), event["gate"].get("threshold"))
+    _ensure_model_package_group(names["model_package_group"], event["dataset"])
+    result = {
+        **decision,
+        "model_data_url": model_data_url,
+        "evaluation_uri": f"s3://{artifacts}/{evaluation_key}",
+        "endpoint_exists": _endpoint_exists(names["endpoint"]),
+    }
+    logger.info("evaluated", extra=result)
+    return result

@@ -1,0 +1,266 @@
+"""PreprocessFunction: S3 uploads (through SQS) → validated splits + manifest → one pipeline execution.
+
+Each SQS message is reported on its own (partial batch responses): a bad file is quarantined and
+acknowledged, a transient failure is retried and, after the queue's maxReceiveCount, lands in the DLQ.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import smart_open
+from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
+from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
+from aws_lambda_powertools.utilities.typing import LambdaContext
+from botocore.exceptions import ClientError
+
+from common import aws
+from common.config import Settings
+from common.errors import DatasetRejected
+from common.events import ObjectRef, objects_in_message
+from common.naming import ResourceNames, data_version, execution_name, object_identity, slugify
+from preprocess.core import DatasetSpec, preprocess
+
+logger = Logger()
+tracer = Tracer()
+metrics = Metrics()
+processor = BatchProcessor(event_type=EventType.SQS)
+
+DATASETS_PREFIX = "datasets/"
+SPEC_FILE = "conveyor.json"
+SUPPORTED_SUFFIXES = (".csv", ".csv.gz")
+TRAINING_CODE_KEY = "code/training/sourcedir.tar.gz"
+
+
+def dataset_of(key: str) -> str | None:
+    """`datasets/<name>/<file>` → `<name>`; None for keys conveyor does not train on."""
+    if not key.startswith(DATASETS_PREFIX) or key.endswith("/"):
+        return None
+    parts = key[len(DATASETS_PREFIX) :].split("/")
+    if len(parts) < 2 or not parts[0] or parts[-1] == SPEC_FILE:
+        return None
+    if any(part in ("", ".", "..") for part in parts):
+        return None
+    return parts[0]
+
+
+@tracer.capture_method
+def process_object(ref: ObjectRef, settings: Settings) -> dict[str, Any]:
+    """Preprocess one uploaded object version and start its pipeline execution (idempotently)."""
+    name = dataset_of(ref.key)
+    if name is None:
+        logger.info("ignored: not a dataset file", extra={"bucket": ref.bucket, "key": ref.key})
+        return {"status": "ignored", "key": ref.key}
+    if ref.size == 0:
+        logger.info("ignored: zero-byte object", extra={"key": ref.key})
+        return {"status": "ignored", "key": ref.key}
+
+    s3 = aws.client("s3")
+    head = s3.head_object(Bucket=ref.bucket, Key=ref.key, **_version_arg(ref.version_id))
+    version_id = head.get("VersionId") or ref.version_id
+    etag = head.get("ETag") or ref.etag
+    identity = object_identity(ref.bucket, ref.key, version_id, etag)
+    slug = slugify(name)
+    version = data_version(head["LastModified"], identity)
+    logger.append_keys(dataset=slug, version=version)
+    provenance = {
+        "dataset": slug,
+        "version": version,
+        "source": {
+            "bucket": ref.bucket,
+            "key": ref.key,
+            "version_id": version_id,
+            "etag": etag,
+            "size": head.get("ContentLength"),
+        },
+    }
+    try:
+        if not ref.key.lower().endswith(SUPPORTED_SUFFIXES):
+            raise DatasetRejected(
+                f"unsupported file type: upload {' or '.join(SUPPORTED_SUFFIXES)} files under datasets/{name}/"
+            )
+        spec = _read_spec(ref.bucket, name)
+        manifest = _manifest_if_done(settings, slug, version) or _preprocess(ref, version_id, spec, provenance, settings)
+    except DatasetRejected as rejected:
+        return _quarantine(rejected, provenance, settings)
+
+    execution_input = _execution_input(manifest, spec, settings)
+    started = _start_pipeline(settings, execution_name(slug, identity), execution_input)
+    return {"status": "started" if started else "duplicate", "dataset": slug, "version": version}
+
+
+def _version_arg(version_id: str | None) -> dict[str, str]:
+    return {"VersionId": version_id} if version_id and version_id != "null" else {}
+
+
+def _read_spec(bucket: str, name: str) -> DatasetSpec:
+    try:
+        body = aws.client("s3").get_object(Bucket=bucket, Key=f"{DATASETS_PREFIX}{name}/{SPEC_FILE}")["Body"]
+    except ClientError as error:
+        if error.response["Error"]["Code"] in ("NoSuchKey", "404"):
+            return DatasetSpec()
+        raise
+    try:
+        return DatasetSpec.from_json(json.loads(body.read()))
+    except json.JSONDecodeError as exc:
+        raise DatasetRejected(f"{SPEC_FILE} is not valid JSON: {exc}") from None
+
+
+def _processed_uri(settings: Settings, slug: str, version: str, *parts: str) -> str:
+    return f"s3://{settings.require('processed_bucket')}/{posixpath.join(slug, version, *parts)}"
+
+
+def _manifest_if_done(settings: Settings, slug: str, version: str) -> dict[str, Any] | None:
+    """A replayed event finds the manifest of its version already written: reuse it, write nothing."""
+    try:
+        body = aws.client("s3").get_object(
+            Bucket=settings.require("processed_bucket"), Key=f"{slug}/{version}/manifest.json"
+        )["Body"]
+    except ClientError as error:
+        if error.response["Error"]["Code"] in ("NoSuchKey", "404"):
+            return None
+        raise
+    logger.info("already preprocessed: reusing the manifest")
+    manifest: dict[str, Any] = json.loads(body.read())
+    return manifest
+
+
+@contextmanager
+def _s3_text_writer(uri: str) -> Iterator[io.TextIOWrapper]:
+    # Binary smart_open writers abort the multipart upload when the block raises, so a rejected file
+    # leaves no half-written split behind; the text layer is detached, never closed, for that reason.
+    with smart_open.open(uri, "wb", transport_params={"client": aws.client("s3")}) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        yield text
+        text.flush()
+        text.detach()
+
+
+def _preprocess(
+    ref: ObjectRef, version_id: str | None, spec: DatasetSpec, provenance: dict[str, Any], settings: Settings
+) -> dict[str, Any]:
+    slug, version = provenance["dataset"], provenance["version"]
+    started = time.monotonic()
+    params: dict[str, Any] = {"client": aws.client("s3")}
+    if version_id and version_id != "null":
+        params["version_id"] = version_id
+    with smart_open.open(f"s3://{ref.bucket}/{ref.key}", "rb", transport_params=params) as source:
+        manifest = preprocess(
+            source,
+            spec=spec,
+            open_split=lambda split: _s3_text_writer(
+                _processed_uri(settings, slug, version, split, "part-00000.csv")
+            ),
+            provenance=provenance,
+        )
+    aws.client("s3").put_object(
+        Bucket=settings.require("processed_bucket"),
+        Key=f"{slug}/{version}/manifest.json",
+        Body=json.dumps(manifest, indent=2).encode(),
+        ContentType="application/json",
+    )
+    seconds = time.monotonic() - started
+    metrics.add_metric("RowsRead", MetricUnit.Count, manifest["counts"]["rows_read"])
+    metrics.add_metric("RowsDropped", MetricUnit.Count, sum(manifest["dropped"].values()))
+    metrics.add_metric("BytesRead", MetricUnit.Bytes, manifest["source"].get("bytes_read", 0))
+    metrics.add_metric("PreprocessSeconds", MetricUnit.Seconds, seconds)
+    logger.info(
+        "preprocessed",
+        extra={"counts": manifest["counts"], "dropped": manifest["dropped"], "inferred": manifest["inferred"]},
+    )
+    return manifest
+
+
+def _quarantine(rejected: DatasetRejected, provenance: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Write a readable report next to (never over) the data, tell the user, and acknowledge the event."""
+    slug, version = provenance["dataset"], provenance["version"]
+    report = {
+        "dataset": slug,
+        "version": version,
+        "source": provenance["source"],
+        "reason": rejected.reason,
+        "details": rejected.details,
+        "what_to_do": "Fix the file and upload it again; the original upload was left untouched.",
+    }
+    key = f"quarantine/{slug}/{version}/report.json"
+    bucket = settings.require("processed_bucket")
+    aws.client("s3").put_object(
+        Bucket=bucket, Key=key, Body=json.dumps(report, indent=2, default=str).encode(), ContentType="application/json"
+    )
+    if settings.notification_topic_arn:
+        aws.client("sns").publish(
+            TopicArn=settings.notification_topic_arn,
+            Subject=f"conveyor: {slug} {version} quarantined"[:100],
+            Message=json.dumps({"outcome": "quarantined", **report, "report": f"s3://{bucket}/{key}"}, default=str),
+            MessageAttributes={
+                "outcome": {"DataType": "String", "StringValue": "quarantined"},
+                "dataset": {"DataType": "String", "StringValue": slug},
+            },
+        )
+    metrics.add_metric("QuarantinedFiles", MetricUnit.Count, 1)
+    logger.warning("quarantined", extra={"reason": rejected.reason, "report": f"s3://{bucket}/{key}"})
+    return {"status": "quarantined", "dataset": slug, "version": version, "reason": rejected.reason}
+
+
+def _execution_input(manifest: dict[str, Any], spec: DatasetSpec, settings: Settings) -> dict[str, Any]:
+    slug, version = manifest["dataset"], manifest["version"]
+    names = ResourceNames.for_version(settings.stack_name, slug, version)
+    artifacts = settings.require("artifacts_bucket")
+    hyperparameters = {str(k): str(v) for k, v in spec.hyperparameters.items()}
+    hyperparameters.update(
+        sagemaker_program="train.py",
+        sagemaker_submit_directory=f"s3://{artifacts}/{TRAINING_CODE_KEY}",
+    )
+    default_metric = "accuracy" if manifest["task"] == "classification" else "r2"
+    return {
+        "dataset": slug,
+        "version": version,
+        "source": manifest["source"],
+        "task": manifest["task"],
+        "target": manifest["target"],
+        "data": {
+            "manifest": _processed_uri(settings, slug, version, "manifest.json"),
+            **{split: _processed_uri(settings, slug, version, split) + "/" for split in ("train", "validation", "test")},
+        },
+        "names": names.as_dict(),
+        "training": {"hyperparameters": hyperparameters, "output_path": f"s3://{artifacts}/training/{slug}/"},
+        "gate": {"metric": spec.metric or default_metric, "threshold": spec.threshold},
+    }
+
+
+def _start_pipeline(settings: Settings, name: str, execution_input: dict[str, Any]) -> bool:
+    """Start the execution; False when this object version already has one (a replayed event)."""
+    try:
+        aws.client("stepfunctions").start_execution(
+            stateMachineArn=settings.require("state_machine_arn"), name=name, input=json.dumps(execution_input)
+        )
+    except ClientError as error:
+        if error.response["Error"]["Code"] == "ExecutionAlreadyExists":
+            logger.info("duplicate event: this object version already has an execution", extra={"execution": name})
+            return False
+        raise
+    metrics.add_metric("PipelinesStarted", MetricUnit.Count, 1)
+    logger.info("pipeline started", extra={"execution": name})
+    return True
+
+
+def record_handler(record: SQSRecord) -> list[dict[str, Any]]:
+    settings = Settings.from_env()
+    return [process_object(ref, settings) for ref in objects_in_message(record.body)]
+
+
+@logger.inject_lambda_context(clear_state=True)
+@tracer.capture_lambda_handler
+@metrics.log_metrics(raise_on_empty_metrics=False)
+def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+    return process_partial_response(
+        event=event, record_handler=record_handler, processor=processor, context=context
+    )

@@ -1,0 +1,1 @@
+"""conveyor: drop a dataset into S3, get a model behind an authenticated HTTPS endpoint."""

@@ -1,0 +1,226 @@
+"""`conveyor`: run the stack locally, upload datasets, follow pipelines, call the prediction API."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from conveyor import client
+from conveyor.client import ConveyorError, Target
+
+log = logging.getLogger("conveyor")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if not verbose:
+        # The emulator's request log and the handlers' JSON logs drown the progress a person wants to see.
+        for noisy in ("werkzeug", "botocore", "urllib3", "moto", "conveyor.local.lambda", "preprocess",
+                      "evaluate", "inference_proxy", "conveyor"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _target(args: argparse.Namespace) -> Target:
+    return client.load_target(args.outputs_file, args.stack, args.region)
+
+
+# ---------------------------------------------------------------------------- local up
+def cmd_local_up(args: argparse.Namespace) -> int:
+    from conveyor.local.cloud import LocalCloud
+
+    cloud = LocalCloud(port=args.port, api_port=args.api_port, workdir=args.workdir)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        outputs = cloud.start()
+        args.outputs_file.parent.mkdir(parents=True, exist_ok=True)
+        args.outputs_file.write_text(json.dumps(outputs, indent=2) + "\n")
+        print(f"conveyor local stack is up; outputs in {args.outputs_file}", flush=True)
+        for key in ("RawBucketName", "StateMachineArn", "ApiUrl", "EndpointUrl"):
+            print(f"  {key:16} {outputs[key]}", flush=True)
+        print("Ctrl-C stops it.", flush=True)
+        stop.wait()
+    finally:
+        print("stopping…", flush=True)
+        cloud.stop()
+    return 0
+
+
+# ---------------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    from conveyor.local.cloud import LocalCloud
+
+    sample = args.file or Path(str(resources.files("conveyor") / "samples" / "churn.csv"))
+    started = time.monotonic()
+    print(f"1/4 starting the local stack (moto + adapters, from template.yaml)…", flush=True)
+    with LocalCloud(workdir=args.workdir) as cloud:
+        outputs = cloud.outputs
+        args.outputs_file.parent.mkdir(parents=True, exist_ok=True)
+        args.outputs_file.write_text(json.dumps(outputs, indent=2) + "\n")
+        target = client.load_target(args.outputs_file)
+        print(f"2/4 uploading {sample.name} to s3://{outputs['RawBucketName']}/datasets/{args.dataset}/", flush=True)
+        upload = client.upload(target, sample, args.dataset)
+        print("3/4 following the pipeline (preprocess → train → evaluate → register → deploy)", flush=True)
+        result = client.follow(target, upload, on_progress=lambda line: print(f"    {line}", flush=True))
+        print(f"    → {result.get('status')}: {json.dumps({k: v for k, v in result.items() if k != 'status'})}",
+              flush=True)
+        if result.get("outcome") != "deployed":
+            print("the model was not deployed; see the outcome above", file=sys.stderr)
+            return 1
+        rows = _read_rows(sample)
+        print(f"4/4 predicting over HTTPS: POST {outputs['ApiUrl']}/models/{upload.dataset}/predict (SigV4)",
+              flush=True)
+        _show_predictions(target, upload.dataset, rows, result)
+    print(f"done in {time.monotonic() - started:.0f} s", flush=True)
+    return 0
+
+
+def _read_rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _show_predictions(target: Target, dataset: str, rows: list[dict[str, str]], result: dict[str, Any]) -> None:
+    target_column = list(rows[0])[-1]
+    for candidate in rows[0]:
+        if candidate.lower() in ("target", "label"):
+            target_column = candidate
+    sample = rows[-200:]
+    answer = client.predict(target, dataset, [{k: v for k, v in r.items() if k != target_column} for r in sample])
+    predictions = answer["predictions"]
+    print(f"    model_version {answer['model_version']}", flush=True)
+    print(f"    {'actual':>10}  {'predicted':>10}  probabilities", flush=True)
+    for row, prediction in list(zip(sample, predictions, strict=True))[:5]:
+        probabilities = ", ".join(f"{k}={v:.2f}" for k, v in prediction.get("probabilities", {}).items())
+        shown = prediction.get("label", prediction.get("value"))
+        print(f"    {row[target_column]:>10}  {shown!s:>10}  {probabilities}", flush=True)
+    if "label" in predictions[0]:
+        correct = sum(str(p["label"]) == r[target_column] for p, r in zip(predictions, sample, strict=True))
+        print(f"    accuracy on {len(sample)} rows: {correct / len(sample):.3f} "
+              f"(test-split accuracy {result.get('value', float('nan')):.3f}, baseline {result.get('baseline', 0):.3f})",
+              flush=True)
+
+
+# ---------------------------------------------------------------------------- upload / status / predict
+def cmd_upload(args: argparse.Namespace) -> int:
+    target = _target(args)
+    upload = client.upload(target, args.file, args.dataset)
+    print(f"uploaded s3://{upload.bucket}/{upload.key} (version {upload.version_id or 'n/a'})")
+    print(f"execution: {upload.execution_arn}")
+    if args.wait:
+        result = client.follow(target, upload)
+        print(json.dumps(result, indent=2))
+        return 0 if result.get("status") == "SUCCEEDED" else 1
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    target = _target(args)
+    sfn = target.client("stepfunctions")
+    executions = sfn.list_executions(stateMachineArn=target.outputs["StateMachineArn"], maxResults=50)["executions"]
+    if args.dataset:
+        executions = [e for e in executions if e["name"].startswith(args.dataset + "-")]
+    if not executions:
+        print("no pipeline executions yet")
+    for execution in executions:
+        output = ""
+        if execution["status"] != "RUNNING":
+            described = sfn.describe_execution(executionArn=execution["executionArn"])
+            summary = json.loads(described.get("output") or "{}")
+            output = " ".join(f"{k}={summary[k]}" for k in ("outcome", "version", "metric", "value", "reason")
+                              if k in summary)
+        print(f"{execution['startDate']:%Y-%m-%d %H:%M:%S}  {execution['status']:9}  {execution['name']}  {output}")
+    status, models = client.api_request(target, "GET", "/models")
+    if status == 200:
+        for model in models["models"]:
+            print(f"model {model['name']}: {model['status']} (version {model['model_version']})")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    target = _target(args)
+    if args.json:
+        instances = json.loads(args.json)
+        instances = instances.get("instances", instances) if isinstance(instances, dict) else instances
+    elif args.file and args.file.suffix == ".csv":
+        instances = _read_rows(args.file)[: args.limit]
+    elif args.file:
+        document = json.loads(args.file.read_text())
+        instances = document.get("instances", document) if isinstance(document, dict) else document
+    else:
+        raise ConveyorError("give rows with --file rows.csv|rows.json or --json '[{...}]'")
+    print(json.dumps(client.predict(target, args.dataset, instances), indent=2))
+    return 0
+
+
+# ---------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="conveyor", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the emulator's and handlers' logs")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--outputs-file", type=Path, default=client.DEFAULT_OUTPUTS,
+                        help="stack outputs written by `conveyor local up` (default: %(default)s)")
+    common.add_argument("--stack", help="a deployed CloudFormation stack to talk to instead")
+    common.add_argument("--region", help="AWS region of --stack")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    local = commands.add_parser("local", help="the embedded local stack").add_subparsers(dest="local", required=True)
+    up = local.add_parser("up", help="run the stack locally until Ctrl-C")
+    up.add_argument("--port", type=int, default=4566, help="AWS endpoint port (default: %(default)s; 0 = any)")
+    up.add_argument("--api-port", type=int, default=8443, help="HTTPS API port (default: %(default)s; 0 = any)")
+    up.add_argument("--outputs-file", type=Path, default=client.DEFAULT_OUTPUTS)
+    up.add_argument("--workdir", type=Path, help="where jobs and endpoints keep files (default: a temp dir)")
+    up.set_defaults(func=cmd_local_up)
+
+    demo = commands.add_parser("demo", help="up, upload a sample dataset, follow it, predict, stop")
+    demo.add_argument("--file", type=Path, help="a CSV to use instead of the bundled churn sample")
+    demo.add_argument("--dataset", default="churn")
+    demo.add_argument("--outputs-file", type=Path, default=client.DEFAULT_OUTPUTS)
+    demo.add_argument("--workdir", type=Path)
+    demo.set_defaults(func=cmd_demo)
+
+    upload = commands.add_parser("upload", parents=[common], help="upload a dataset file")
+    upload.add_argument("file", type=Path)
+    upload.add_argument("--dataset", required=True, help="the dataset name (datasets/<name>/ in RawBucket)")
+    upload.add_argument("--wait", action="store_true", help="follow the pipeline until it ends")
+    upload.set_defaults(func=cmd_upload)
+
+    status = commands.add_parser("status", parents=[common], help="pipeline executions and served models")
+    status.add_argument("--dataset")
+    status.set_defaults(func=cmd_status)
+
+    predict = commands.add_parser("predict", parents=[common], help="call POST /models/<name>/predict")
+    predict.add_argument("dataset")
+    predict.add_argument("--file", type=Path, help="rows as CSV (header row) or JSON")
+    predict.add_argument("--json", help='rows inline: \'[{"column": value}]\'')
+    predict.add_argument("--limit", type=int, default=100, help="at most this many CSV rows")
+    predict.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        return int(args.func(args))
+    except ConveyorError as error:
+        print(f"conveyor: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

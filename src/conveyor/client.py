@@ -1,0 +1,197 @@
+"""Talk to a conveyor stack, local or on AWS: upload a dataset, follow its pipeline, call the API.
+
+A *target* is the stack's outputs: from `conveyor local up --outputs-file F` (which adds the emulator's
+endpoint, credentials and CA bundle) or from a deployed CloudFormation stack.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import requests
+from botocore.exceptions import ClientError
+
+from conveyor.sigv4 import sign_request
+
+DEFAULT_OUTPUTS = Path(".conveyor/outputs.json")
+OUTPUT_KEYS = ("RawBucketName", "ProcessedBucketName", "ArtifactsBucketName", "StateMachineArn", "ApiUrl",
+               "NotificationTopicArn")
+
+
+class ConveyorError(RuntimeError):
+    """Something the user can fix; the message says what."""
+
+
+def _functions_on_path() -> None:
+    # The naming contract (execution names, slugs) is owned by the Lambda code; reuse it, never restate it.
+    from conveyor.local.cloud import project_root
+
+    functions = str(project_root() / "functions")
+    if functions not in sys.path:
+        sys.path.append(functions)
+
+
+@dataclass
+class Target:
+    outputs: dict[str, str]
+    session: boto3.session.Session
+    endpoint_url: str | None = None
+    ca_bundle: str | None = None
+
+    @property
+    def local(self) -> bool:
+        return self.endpoint_url is not None
+
+    def client(self, service: str) -> Any:
+        return self.session.client(service, endpoint_url=self.endpoint_url)
+
+    @property
+    def stack_name(self) -> str:
+        # The state machine is named <stack>-Pipeline locally; on AWS the stack name is recorded as well.
+        return self.outputs.get("StackName") or self.outputs["StateMachineArn"].rsplit(":", 1)[1].rsplit("-", 1)[0]
+
+
+def load_target(outputs_file: Path | None = None, stack: str | None = None, region: str | None = None) -> Target:
+    """The stack to talk to: an outputs file, a CloudFormation stack name, or `.conveyor/outputs.json`."""
+    if stack:
+        session = boto3.session.Session(region_name=region)
+        try:
+            description = session.client("cloudformation").describe_stacks(StackName=stack)["Stacks"][0]
+        except ClientError as error:
+            raise ConveyorError(f"cannot read stack {stack!r}: {error}") from None
+        outputs = {o["OutputKey"]: o["OutputValue"] for o in description.get("Outputs", [])}
+        outputs["StackName"] = stack
+        return Target(outputs, session)
+    path = outputs_file or DEFAULT_OUTPUTS
+    if not path.exists():
+        raise ConveyorError(
+            f"no stack outputs at {path}: start one with `conveyor local up --outputs-file {path}` "
+            "or name a deployed stack with --stack"
+        )
+    outputs = json.loads(path.read_text())
+    missing = [k for k in OUTPUT_KEYS if k not in outputs]
+    if missing:
+        raise ConveyorError(f"{path} lacks stack outputs {missing}")
+    session = boto3.session.Session(
+        aws_access_key_id=outputs.get("AccessKeyId"),
+        aws_secret_access_key=outputs.get("SecretAccessKey"),
+        region_name=outputs.get("Region", region),
+    )
+    return Target(outputs, session, outputs.get("EndpointUrl"), outputs.get("CaBundle"))
+
+
+@dataclass
+class Upload:
+    dataset: str
+    bucket: str
+    key: str
+    version_id: str | None
+    etag: str
+    execution_arn: str
+
+
+def upload(target: Target, path: Path, dataset: str) -> Upload:
+    """Put `path` under `datasets/<dataset>/` in RawBucket; return where, and which execution it will start."""
+    _functions_on_path()
+    from common.naming import execution_name, object_identity, slugify
+
+    if not path.is_file():
+        raise ConveyorError(f"{path} is not a file")
+    bucket = target.outputs["RawBucketName"]
+    key = f"datasets/{dataset}/{path.name}"
+    s3 = target.client("s3")
+    s3.upload_file(str(path), bucket, key)
+    head = s3.head_object(Bucket=bucket, Key=key)
+    identity = object_identity(bucket, key, head.get("VersionId"), head.get("ETag"))
+    machine = target.outputs["StateMachineArn"]
+    execution = machine.replace(":stateMachine:", ":execution:") + ":" + execution_name(slugify(dataset), identity)
+    return Upload(slugify(dataset), bucket, key, head.get("VersionId"), head["ETag"], execution)
+
+
+def follow(
+    target: Target,
+    upload_: Upload,
+    on_progress: Callable[[str], None] = print,
+    timeout: float = 1800,
+) -> dict[str, Any]:
+    """Wait for the upload's execution to start and finish, reporting each state it enters."""
+    sfn = target.client("stepfunctions")
+    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    on_progress(f"waiting for preprocessing of s3://{upload_.bucket}/{upload_.key}")
+    while True:
+        try:
+            sfn.describe_execution(executionArn=upload_.execution_arn)
+            break
+        except ClientError as error:
+            if error.response["Error"]["Code"] != "ExecutionDoesNotExist":
+                raise
+        report = _quarantine_report(target, upload_.dataset)
+        if report is not None and report.get("source", {}).get("key") == upload_.key:
+            raise ConveyorError(f"the upload was quarantined: {report['reason']}")
+        if time.monotonic() > deadline:
+            raise ConveyorError("no pipeline started; check the PreprocessFunction's logs and the ingest DLQ")
+        time.sleep(0.5)
+    seen = 0
+    while True:
+        description = sfn.describe_execution(executionArn=upload_.execution_arn)
+        events = sfn.get_execution_history(executionArn=upload_.execution_arn, maxResults=1000)["events"]
+        for event in events[seen:]:
+            if event["type"].endswith("StateEntered"):
+                on_progress(f"{time.monotonic() - started:6.1f}s  {event['stateEnteredEventDetails']['name']}")
+        seen = len(events)
+        if description["status"] != "RUNNING":
+            output = json.loads(description.get("output") or "{}")
+            return {"status": description["status"], **output}
+        if time.monotonic() > deadline:
+            raise ConveyorError(f"the pipeline is still running after {timeout:.0f} s")
+        time.sleep(1)
+
+
+def _quarantine_report(target: Target, dataset: str) -> dict[str, Any] | None:
+    s3 = target.client("s3")
+    bucket = target.outputs["ProcessedBucketName"]
+    listing = s3.list_objects_v2(Bucket=bucket, Prefix=f"quarantine/{dataset}/")
+    newest = max(listing.get("Contents", []), key=lambda o: o["LastModified"], default=None)
+    if newest is None:
+        return None
+    report: dict[str, Any] = json.loads(s3.get_object(Bucket=bucket, Key=newest["Key"])["Body"].read())
+    return report
+
+
+def api_request(target: Target, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    """A SigV4-signed request to the stack's HTTP API (IAM authorization); returns (status, JSON)."""
+    url = target.outputs["ApiUrl"].rstrip("/") + path
+    data = b"" if body is None else json.dumps(body).encode()
+    credentials = target.session.get_credentials()
+    if credentials is None:
+        raise ConveyorError("no AWS credentials to sign the request with")
+    frozen = credentials.get_frozen_credentials()
+    headers = sign_request(
+        method,
+        url,
+        data,
+        (frozen.access_key, frozen.secret_key, frozen.token),
+        target.session.region_name or "us-east-1",
+        headers={"Content-Type": "application/json"} if body is not None else None,
+    )
+    response = requests.request(method, url, data=data, headers=headers, verify=target.ca_bundle or True, timeout=60)
+    try:
+        return response.status_code, response.json()
+    except ValueError:
+        return response.status_code, {"error": {"code": "NotJson", "message": response.text[:500]}}
+
+
+def predict(target: Target, dataset: str, instances: list[dict[str, Any]]) -> dict[str, Any]:
+    status, answer = api_request(target, "POST", f"/models/{dataset}/predict", {"instances": instances})
+    if status != 200:
+        error = answer.get("error", answer) if isinstance(answer, dict) else answer
+        raise ConveyorError(f"prediction failed ({status}): {error}")
+    return answer  # type: ignore[no-any-return]

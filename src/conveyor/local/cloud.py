@@ -1,0 +1,362 @@
+"""The embedded local cloud: moto in server mode, conveyor's adapters, and the stack from template.yaml.
+
+`LocalCloud(root).start()` gives the same stack outputs a `sam deploy` would (plus what a client needs to
+reach the emulator); `stop()` ends every child process and thread it started.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import secrets
+import socket
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import boto3
+import requests
+from botocore.config import Config
+from moto.server import ThreadedMotoServer
+
+from conveyor.local.hosting import HostingAdapter
+from conveyor.local.lambdas import FunctionSpec, LambdaRuntime, SqsEventSource
+from conveyor.local.template import Stack
+from conveyor.local.training import TrainingAdapter
+
+log = logging.getLogger("conveyor.local")
+TRAINING_CODE_KEY = "code/training/sourcedir.tar.gz"
+# Template parameters that make sense on a laptop: no GPU instance is involved, and polling every
+# minute would make the demo take an hour.
+LOCAL_PARAMETERS = {"PollIntervalSeconds": "1", "TrainingInstanceType": "ml.m5.xlarge"}
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def project_root() -> Path:
+    """The checkout holding template.yaml (local mode runs from the source tree)."""
+    here = Path(__file__).resolve()
+    for parent in here.parents:
+        if (parent / "template.yaml").exists() and (parent / "functions").is_dir():
+            return parent
+    raise FileNotFoundError("cannot find template.yaml above " + str(here))
+
+
+class LocalCloud:
+    """conveyor's stack on one machine.
+
+    Parameters
+    ----------
+    root
+        The project checkout (template.yaml, functions/, training/, infra/).
+    port
+        Port of the AWS endpoint (moto server); 0 picks a free one.
+    api_port
+        Port of the HTTPS API; 0 picks a free one.
+    workdir
+        Where jobs, endpoints and certificates keep their files; a temporary directory by default.
+    """
+
+    def __init__(
+        self,
+        root: Path | None = None,
+        *,
+        port: int = 0,
+        api_port: int = 0,
+        workdir: Path | None = None,
+        stack_name: str = "conveyor",
+        parameters: dict[str, str] | None = None,
+    ) -> None:
+        self.root = root or project_root()
+        self.port = port or _free_port()
+        self.api_port = api_port
+        self._own_workdir = workdir is None
+        self.workdir = workdir or Path(tempfile.mkdtemp(prefix="conveyor-local-"))
+        self.stack = Stack(self.root, stack_name, {**LOCAL_PARAMETERS, **(parameters or {})})
+        self.credentials = ("AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30))
+        self.endpoint_url = f"http://127.0.0.1:{self.port}"
+        self._server: ThreadedMotoServer | None = None
+        self._saved_env: dict[str, str | None] = {}
+        self.runtime: LambdaRuntime | None = None
+        self.training = TrainingAdapter(self.client_factory("s3"), self.workdir)
+        self.hosting = HostingAdapter(self.client_factory("s3"), self.workdir)
+        self._pollers: list[SqsEventSource] = []
+        self.gateway: Any = None
+        self.outputs: dict[str, str] = {}
+
+    # ------------------------------------------------------------------ clients
+    def session(self) -> boto3.session.Session:
+        return boto3.session.Session(
+            aws_access_key_id=self.credentials[0],
+            aws_secret_access_key=self.credentials[1],
+            region_name=self.stack.region,
+        )
+
+    def client(self, service: str) -> Any:
+        return self.session().client(
+            service, endpoint_url=self.endpoint_url, config=Config(retries={"mode": "standard"})
+        )
+
+    def client_factory(self, service: str) -> Any:
+        return lambda: self.client(service)
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> dict[str, str]:
+        """Start the emulator and the adapters, create the stack's resources; return the outputs."""
+        self._set_environment()
+        self.runtime = LambdaRuntime(self._lambda_base_environment(), self.stack.region, self.stack.account_id)
+        self.runtime.install()
+        self.training.install()
+        self.hosting.install()
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+        requests.post(
+            f"{self.endpoint_url}/moto-api/config",
+            json={"stepfunctions": {"execute_state_machine": True}},
+            timeout=10,
+        ).raise_for_status()
+        self._create_resources()
+        self._start_api()
+        self.outputs = self._outputs()
+        return self.outputs
+
+    def stop(self) -> None:
+        """Stop pollers, the API, training jobs and model servers, then the emulator; idempotent."""
+        for poller in self._pollers:
+            poller.stop()
+        self._pollers.clear()
+        if self.gateway is not None:
+            self.gateway.stop()
+            self.gateway = None
+        self.training.stop_all()
+        self.hosting.stop_all()
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+        for adapter in (self.hosting, self.training, self.runtime):
+            if adapter is not None:
+                adapter.uninstall()
+        for key, value in self._saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self._saved_env.clear()
+
+    def __enter__(self) -> LocalCloud:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _set_environment(self) -> None:
+        # The in-process Lambda handlers and moto's state-machine runner use the default boto3 chain.
+        values = {
+            "MOTO_PORT": str(self.port),
+            "AWS_ENDPOINT_URL": self.endpoint_url,
+            "AWS_ACCESS_KEY_ID": self.credentials[0],
+            "AWS_SECRET_ACCESS_KEY": self.credentials[1],
+            "AWS_DEFAULT_REGION": self.stack.region,
+            "AWS_REGION": self.stack.region,
+        }
+        for key, value in values.items():
+            self._saved_env.setdefault(key, os.environ.get(key))
+            os.environ[key] = value
+        os.environ.pop("AWS_SESSION_TOKEN", None)
+        os.environ.pop("AWS_PROFILE", None)
+
+    def _lambda_base_environment(self) -> dict[str, str]:
+        return {
+            # X-Ray has no local daemon; Powertools' tracer is a no-op when told so.
+            "POWERTOOLS_TRACE_DISABLED": "true",
+            "POWERTOOLS_DEV": "false",
+        }
+
+    # ------------------------------------------------------------------ resources
+    def _create_resources(self) -> None:
+        stack = self.stack
+        s3, sqs, sns, iam = (self.client(s) for s in ("s3", "sqs", "sns", "iam"))
+        lam, sfn = self.client("lambda"), self.client("stepfunctions")
+        for bucket in stack.of_type("AWS::S3::Bucket"):
+            name = bucket.attributes["Ref"]
+            s3.create_bucket(Bucket=name)
+            if bucket.properties.get("VersioningConfiguration", {}).get("Status") == "Enabled":
+                s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
+            if "BucketEncryption" in bucket.properties:
+                s3.put_bucket_encryption(
+                    Bucket=name,
+                    ServerSideEncryptionConfiguration=bucket.properties["BucketEncryption"][
+                        "ServerSideEncryptionConfiguration"
+                    ],
+                )
+        # Dead-letter queues first: a redrive policy names its target.
+        queues = sorted(stack.of_type("AWS::SQS::Queue"), key=lambda q: "RedrivePolicy" in q.properties)
+        for queue in queues:
+            attributes = {}
+            props = queue.properties
+            for key in ("VisibilityTimeout", "MessageRetentionPeriod"):
+                if key in props:
+                    attributes[key] = str(props[key])
+            if "RedrivePolicy" in props:
+                attributes["RedrivePolicy"] = json.dumps(stack.resolve(props["RedrivePolicy"]))
+            url = sqs.create_queue(QueueName=queue.attributes["QueueName"], Attributes=attributes)["QueueUrl"]
+            queue.attributes["Ref"] = url
+        for topic in stack.of_type("AWS::SNS::Topic"):
+            sns.create_topic(Name=topic.attributes["TopicName"])
+        trust = json.dumps({"Version": "2012-10-17", "Statement": []})
+        for role in stack.of_type("AWS::IAM::Role"):
+            iam.create_role(RoleName=role.attributes["Ref"], AssumeRolePolicyDocument=trust)
+        lambda_role = iam.create_role(RoleName=f"{stack.stack_name}-local-lambda", AssumeRolePolicyDocument=trust)
+        assert self.runtime is not None
+        for function in stack.of_type("AWS::Serverless::Function"):
+            props = function.properties
+            name = function.attributes["Ref"]
+            environment = stack.function_environment(function.logical_id)
+            lam.create_function(
+                FunctionName=name,
+                Runtime=props["Runtime"],
+                Role=lambda_role["Role"]["Arn"],
+                Handler=props["Handler"],
+                Code={"ZipFile": _placeholder_zip()},
+                Timeout=int(props.get("Timeout", 3)),
+                MemorySize=int(props.get("MemorySize", 128)),
+                Environment={"Variables": environment},
+            )
+            self.runtime.register(
+                FunctionSpec(
+                    name=name,
+                    handler=props["Handler"],
+                    code_dir=self.root / props["CodeUri"],
+                    environment=environment,
+                    timeout=int(props.get("Timeout", 3)),
+                    memory=int(props.get("MemorySize", 128)),
+                )
+            )
+        for machine in stack.of_type("AWS::Serverless::StateMachine"):
+            sfn.create_state_machine(
+                name=machine.attributes["Name"],
+                definition=stack.state_machine_definition(machine.logical_id),
+                roleArn=f"arn:aws:iam::{stack.account_id}:role/{stack.stack_name}-local-states",
+                type=machine.properties.get("Type", "STANDARD"),
+            )
+        for bucket in stack.of_type("AWS::S3::Bucket"):
+            notification = bucket.properties.get("NotificationConfiguration", {})
+            configurations = [
+                {
+                    "QueueArn": stack.resolve(c["Queue"]),
+                    "Events": [c["Event"]],
+                    "Filter": {"Key": {"FilterRules": c["Filter"]["S3Key"]["Rules"]}},
+                }
+                for c in notification.get("QueueConfigurations", [])
+            ]
+            if configurations:
+                s3.put_bucket_notification_configuration(
+                    Bucket=bucket.attributes["Ref"],
+                    NotificationConfiguration={"QueueConfigurations": configurations},
+                )
+        self._start_event_sources(sqs)
+        self.publish_training_code()
+
+    def _start_event_sources(self, sqs: Any) -> None:
+        assert self.runtime is not None
+        queues_by_arn = {q.attributes["Arn"]: q for q in self.stack.of_type("AWS::SQS::Queue")}
+        for function in self.stack.of_type("AWS::Serverless::Function"):
+            for event in function.properties.get("Events", {}).values():
+                if event["Type"] != "SQS":
+                    continue
+                props = event["Properties"]
+                queue = queues_by_arn[self.stack.resolve(props["Queue"])]
+                poller = SqsEventSource(
+                    sqs=sqs,
+                    runtime=self.runtime,
+                    function=function.attributes["Ref"],
+                    queue_url=queue.attributes["Ref"],
+                    queue_arn=queue.attributes["Arn"],
+                    batch_size=int(props.get("BatchSize", 10)),
+                    region=self.stack.region,
+                    report_batch_item_failures="ReportBatchItemFailures" in props.get("FunctionResponseTypes", []),
+                )
+                poller.start()
+                self._pollers.append(poller)
+
+    def publish_training_code(self) -> str:
+        """Upload training/ as the `sagemaker_submit_directory` tarball the pipeline's jobs run."""
+        artifacts = self.stack.resources["ArtifactsBucket"].attributes["Ref"]
+        self.client("s3").put_object(Bucket=artifacts, Key=TRAINING_CODE_KEY, Body=training_sourcedir(self.root))
+        return f"s3://{artifacts}/{TRAINING_CODE_KEY}"
+
+    # ------------------------------------------------------------------ API
+    def _start_api(self) -> None:
+        from conveyor.local.gateway import HttpApiGateway
+        from conveyor.local.tls import make_certificates
+
+        assert self.runtime is not None
+        self.ca_bundle, cert, key = make_certificates(self.workdir / "tls")
+        routes = []
+        proxy = None
+        for function in self.stack.of_type("AWS::Serverless::Function"):
+            for event in function.properties.get("Events", {}).values():
+                if event["Type"] == "HttpApi":
+                    props = event["Properties"]
+                    routes.append((props["Method"].upper(), props["Path"], f"{props['Method'].upper()} {props['Path']}"))
+                    proxy = function.attributes["Ref"]
+        runtime = self.runtime
+
+        def invoke(event: dict[str, Any]) -> dict[str, Any]:
+            payload, errored = runtime.invoke(proxy, event)  # type: ignore[arg-type]
+            if errored:
+                raise RuntimeError(payload.get("errorMessage", "the proxy function failed"))
+            return payload  # type: ignore[no-any-return]
+
+        access_key, secret = self.credentials
+        self.gateway = HttpApiGateway(
+            host="127.0.0.1",
+            port=self.api_port,
+            certfile=cert,
+            keyfile=key,
+            region=self.stack.region,
+            lookup_secret=lambda key_id: secret if key_id == access_key else None,
+            routes=routes,
+            invoke=invoke,
+        )
+        self.gateway.start()
+
+    def _outputs(self) -> dict[str, str]:
+        outputs = self.stack.outputs()
+        outputs["ApiUrl"] = self.gateway.url
+        outputs.update(
+            EndpointUrl=self.endpoint_url,
+            Region=self.stack.region,
+            AccessKeyId=self.credentials[0],
+            SecretAccessKey=self.credentials[1],
+            CaBundle=str(self.ca_bundle),
+        )
+        return outputs
+
+
+def training_sourcedir(root: Path) -> bytes:
+    """training/ as SageMaker's sourcedir.tar.gz (files at the archive's top level)."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for path in sorted((root / "training").rglob("*")):
+            if "__pycache__" in path.parts or path.suffix == ".pyc":
+                continue
+            tar.add(path, arcname=str(path.relative_to(root / "training")), recursive=False)
+    return buffer.getvalue()
+
+
+def _placeholder_zip() -> bytes:
+    # moto wants a code package; the adapter runs the real code from functions/ instead.
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("README.txt", "conveyor local mode runs this function's code from functions/.")
+    return buffer.getvalue()

@@ -1,0 +1,288 @@
+"""SageMaker training adapter: `CreateTrainingJob` runs the job's script for real, as a subprocess.
+
+moto 5.2.5 records a training job as Completed the moment it is created, with no artefact. Here the job is
+InProgress while `training/train.py` (downloaded from `sagemaker_submit_directory`, as the SageMaker
+training toolkit does) runs under SageMaker's container contract: `/opt/ml`-style directories under a
+temporary root, `SM_*` variables, hyperparameters as arguments. When it ends, `model.tar.gz` and
+`output.tar.gz` go to the job's S3 output path and the job is Completed, or Failed with a FailureReason.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from moto.core.utils import utcnow
+from moto.sagemaker import models as sagemaker_models
+from moto.sagemaker.exceptions import ResourceInUseException
+
+log = logging.getLogger("conveyor.local.training")
+HOST = "algo-1"
+
+
+def split_s3(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def download_prefix(s3: Any, uri: str, destination: Path) -> int:
+    """Copy every object under an S3Prefix into `destination`, keeping paths below the prefix."""
+    bucket, prefix = split_s3(uri)
+    count = 0
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for obj in page.get("Contents", []):
+            relative = obj["Key"][len(prefix) :].lstrip("/") or Path(obj["Key"]).name
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, obj["Key"], str(target))
+            count += 1
+    return count
+
+
+def tar_directory(directory: Path, archive: Path) -> None:
+    with tarfile.open(archive, "w:gz") as tar:
+        for path in sorted(directory.rglob("*")):
+            tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
+
+
+class TrainingAdapter:
+    """Hooks `SageMakerModelBackend.create_training_job` and runs each job in a worker thread."""
+
+    def __init__(self, s3_factory: Callable[[], Any], workdir: Path, python: str = sys.executable) -> None:
+        self._s3_factory = s3_factory
+        self._workdir = workdir
+        self._python = python
+        self._original: Callable[..., Any] | None = None
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def install(self) -> None:
+        backend = sagemaker_models.SageMakerModelBackend
+        for name in ("create_training_job", "describe_training_job"):
+            if not hasattr(backend, name):
+                raise RuntimeError(f"moto changed: SageMakerModelBackend.{name} is gone; see docs/local-mode.md")
+        self._original = backend.create_training_job
+        adapter = self
+
+        def create_training_job(backend_self: Any, *args: Any, **kwargs: Any) -> Any:
+            name = kwargs.get("training_job_name", args[0] if args else None)
+            if name in backend_self.training_jobs:
+                raise ResourceInUseException(f"Training job names must be unique within an AWS account and region, "
+                                             f"and a training job with this name already exists ({name})")
+            spec = kwargs.get("algorithm_specification") or {}
+            requested_metrics = list(spec.get("MetricDefinitions") or [])
+            assert adapter._original is not None
+            job = adapter._original(backend_self, *args, **kwargs)
+            # moto replaces the metric definitions with a canned one; keep what was asked for.
+            job.algorithm_specification["MetricDefinitions"] = requested_metrics
+            job.training_job_status = "InProgress"
+            job.secondary_status = "Starting"
+            job.training_end_time = None
+            job.final_metric_data_list = []
+            adapter.start(job)
+            return job
+
+        backend.create_training_job = create_training_job  # type: ignore[method-assign]
+
+    def uninstall(self) -> None:
+        if self._original is not None:
+            sagemaker_models.SageMakerModelBackend.create_training_job = self._original  # type: ignore[method-assign]
+            self._original = None
+
+    def start(self, job: Any) -> None:
+        thread = threading.Thread(target=self._run_safely, args=(job,), name=f"train-{job.training_job_name}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def stop_all(self) -> None:
+        with self._lock:
+            processes = list(self._processes.values())
+        for process in processes:
+            _terminate(process)
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def _run_safely(self, job: Any) -> None:
+        try:
+            self._run(job)
+        except Exception as exc:
+            log.exception("training job %s could not run", job.training_job_name)
+            _finish(job, "Failed", failure_reason=f"ClientError: {exc}")
+
+    def _run(self, job: Any) -> None:
+        name = job.training_job_name
+        s3 = self._s3_factory()
+        root = self._workdir / "training" / name
+        if root.exists():
+            shutil.rmtree(root)
+        ml = root / "opt" / "ml"
+        code, model, output_data = ml / "code", ml / "model", ml / "output" / "data"
+        config = ml / "input" / "config"
+        for directory in (code, model, output_data, config, ml / "checkpoints"):
+            directory.mkdir(parents=True)
+
+        job.secondary_status = "Downloading"
+        channels: dict[str, str] = {}
+        for channel in job.input_data_config:
+            destination = ml / "input" / "data" / channel["ChannelName"]
+            destination.mkdir(parents=True)
+            uri = channel["DataSource"]["S3DataSource"]["S3Uri"]
+            if download_prefix(s3, uri, destination) == 0:
+                raise ValueError(f"channel {channel['ChannelName']}: no objects under {uri}")
+            channels[channel["ChannelName"]] = str(destination)
+
+        hyperparameters: dict[str, str] = dict(job.hyper_parameters or {})
+        submit = hyperparameters.get("sagemaker_submit_directory")
+        program = hyperparameters.get("sagemaker_program", "train.py")
+        if not submit:
+            raise ValueError("no sagemaker_submit_directory hyperparameter: nothing to run")
+        archive = root / "sourcedir.tar.gz"
+        s3.download_file(*split_s3(submit), str(archive))
+        with tarfile.open(archive) as tar:
+            tar.extractall(code, filter="data")
+
+        (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
+        (config / "inputdataconfig.json").write_text(
+            json.dumps({c["ChannelName"]: {"TrainingInputMode": "File"} for c in job.input_data_config})
+        )
+        (config / "resourceconfig.json").write_text(json.dumps({"current_host": HOST, "hosts": [HOST]}))
+        user_hps = {k: v for k, v in hyperparameters.items() if not k.startswith("sagemaker_")}
+        arguments = [item for k, v in user_hps.items() for item in (f"--{k}", str(v))]
+        environment = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "TRAINING_JOB_NAME": name,
+            "SM_MODEL_DIR": str(model),
+            "SM_OUTPUT_DIR": str(ml / "output"),
+            "SM_OUTPUT_DATA_DIR": str(output_data),
+            "SM_INPUT_DIR": str(ml / "input"),
+            "SM_INPUT_CONFIG_DIR": str(config),
+            "SM_CHECKPOINT_DIR": str(ml / "checkpoints"),
+            "SM_CHANNELS": json.dumps(sorted(channels)),
+            "SM_HPS": json.dumps(user_hps),
+            "SM_USER_ARGS": json.dumps(arguments),
+            "SM_HOSTS": json.dumps([HOST]),
+            "SM_CURRENT_HOST": HOST,
+            "SM_NUM_GPUS": "0",
+            "SM_NUM_CPUS": str(os.cpu_count() or 1),
+            "SM_MODULE_DIR": submit,
+            "SM_MODULE_NAME": Path(program).stem,
+            **{f"SM_CHANNEL_{c.upper()}": path for c, path in channels.items()},
+            **{f"SM_HP_{k.upper()}": str(v) for k, v in user_hps.items()},
+        }
+        # Local jobs must not inherit the emulator's credentials or endpoint: a real job has neither.
+        for key in ("AWS_ENDPOINT_URL", "MOTO_PORT"):
+            environment.pop(key, None)
+
+        job.secondary_status = "Training"
+        log.info("training job %s: running %s %s", name, program, " ".join(arguments))
+        max_runtime = int((job.stopping_condition or {}).get("MaxRuntimeInSeconds", 86400))
+        log_path = root / "training.log"
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                [self._python, program, *arguments],
+                cwd=code,
+                env=environment,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+            with self._lock:
+                self._processes[name] = process
+            metrics = _MetricScraper(job.algorithm_specification.get("MetricDefinitions") or [])
+            timer = threading.Timer(max_runtime, _terminate, args=(process,))
+            timer.start()
+            started = time.monotonic()
+            assert process.stdout is not None
+            for line in process.stdout:
+                log_file.write(line)
+                text = line.decode("utf-8", "replace").rstrip()
+                metrics.scan(text)
+                log.debug("[%s] %s", name, text)
+            returncode = process.wait()
+            timer.cancel()
+            with self._lock:
+                self._processes.pop(name, None)
+        job.final_metric_data_list = metrics.final()
+        elapsed = time.monotonic() - started
+
+        if returncode == 0:
+            job.secondary_status = "Uploading"
+            bucket, key = split_s3(job.model_artifacts["S3ModelArtifacts"])
+            tar_directory(model, root / "model.tar.gz")
+            tar_directory(output_data, root / "output.tar.gz")
+            s3.upload_file(str(root / "model.tar.gz"), bucket, key)
+            s3.upload_file(str(root / "output.tar.gz"), bucket, key.rsplit("/", 1)[0] + "/output.tar.gz")
+            log.info("training job %s completed in %.1f s", name, elapsed)
+            _finish(job, "Completed", seconds=elapsed)
+        elif elapsed >= max_runtime:
+            _finish(job, "Stopped", secondary="MaxRuntimeExceeded", seconds=elapsed,
+                    failure_reason=f"Training job reached its MaxRuntimeInSeconds ({max_runtime})")
+        else:
+            failure_file = ml / "output" / "failure"
+            if failure_file.exists() and failure_file.read_text().strip():
+                reason = f"AlgorithmError: {failure_file.read_text().strip()}"
+            else:
+                tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
+                reason = f"AlgorithmError: ExecuteUserScriptError: exit code {returncode}: " + " | ".join(tail)
+            log.warning("training job %s failed: %s", name, reason)
+            _finish(job, "Failed", failure_reason=reason[:1024], seconds=elapsed)
+
+
+def _finish(job: Any, status: str, *, secondary: str | None = None, failure_reason: str | None = None,
+            seconds: float | None = None) -> None:
+    if failure_reason:
+        job.failure_reason = failure_reason
+    if seconds is not None:
+        job.training_time_in_seconds = int(seconds)
+        job.billable_time_in_seconds = int(seconds)
+    job.training_end_time = job.last_modified_time = utcnow()
+    job.secondary_status = secondary or status
+    # Last, because the pipeline's polling loop acts on it.
+    job.training_job_status = status
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            with_kill = process.poll() is None
+            if with_kill:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+class _MetricScraper:
+    """What SageMaker does with MetricDefinitions: scrape the job's log; the last value of each wins."""
+
+    def __init__(self, definitions: list[dict[str, str]]) -> None:
+        self._patterns = [(d["Name"], re.compile(d["Regex"])) for d in definitions]
+        self._latest: dict[str, float] = {}
+
+    def scan(self, line: str) -> None:
+        for name, pattern in self._patterns:
+            match = pattern.search(line)
+            if match:
+                try:
+                    self._latest[name] = float(match.group(1))
+                except (ValueError, IndexError):
+                    pass
+
+    def final(self) -> list[dict[str, Any]]:
+        now = utcnow()
+        return [{"MetricName": n, "Value": v, "Timestamp": now} for n, v in sorted(self._latest.items())]
