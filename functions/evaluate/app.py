@@ -10,9 +10,9 @@ from urllib.parse import urlparse
 from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
-
 from common import aws
 from common.config import Settings
+
 from evaluate.core import evaluation_from_tarball, gate
 
 logger = Logger()
@@ -66,7 +66,10 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     artifacts = settings.require("artifacts_bucket")
     evaluation_key = f"evaluations/{event['dataset']}/{event['version']}/evaluation.json"
     aws.client("s3").put_object(
-        Bucket=artifacts, Key=evaluation_key, Body=json.dumps(evaluation).encode(), ContentType="application/json"
+        Bucket=artifacts,
+        Key=evaluation_key,
+        Body=json.dumps(evaluation).encode(),
+        ContentType="application/json",
     )
     decision = gate(evaluation, event["gate"].get("metric"), event["gate"].get("threshold"))
     _ensure_model_package_group(names["model_package_group"], event["dataset"])

@@ -39,15 +39,17 @@ def gate(evaluation: dict[str, Any], metric: str | None, threshold: float | None
     if not isinstance(summary, dict):
         raise EvaluationError("evaluation.json has no 'conveyor' summary block")
     name = metric or summary["metric"]
-    if name == summary["metric"]:
-        value = summary["value"]
-    else:
-        value = _lookup(evaluation, name)
+    value = summary["value"] if name == summary["metric"] else _lookup(evaluation, name)
     if threshold is None:
         if name != summary["metric"]:
             raise EvaluationError(f"metric {name!r} has no baseline: give a threshold in conveyor.json")
         threshold = summary["baseline"]
-    return {"metric": name, "value": float(value), "threshold": float(threshold), "baseline": summary.get("baseline")}
+    return {
+        "metric": name,
+        "value": float(value),
+        "threshold": float(threshold),
+        "baseline": summary.get("baseline"),
+    }
 
 
 def _lookup(evaluation: dict[str, Any], name: str) -> float:

@@ -6,6 +6,7 @@ Validates the request shape and size here, where a bad request is cheap, and let
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any
 
@@ -14,7 +15,6 @@ from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from aws_lambda_powertools.event_handler.exceptions import ServiceError
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
-
 from common import aws
 from common.config import Settings
 from common.naming import SLUG_PATTERN, endpoint_name
@@ -59,7 +59,9 @@ def _parse_instances(raw: bytes, limit: int) -> list[dict[str, Any]]:
     if not isinstance(instances, list) or not instances:
         raise ApiError(400, "InvalidRequest", 'expected {"instances": [{"<column>": <value>, ...}, ...]}')
     if len(instances) > MAX_INSTANCES:
-        raise ApiError(413, "TooManyInstances", f"{len(instances)} instances; at most {MAX_INSTANCES} per request")
+        raise ApiError(
+            413, "TooManyInstances", f"{len(instances)} instances; at most {MAX_INSTANCES} per request"
+        )
     for i, instance in enumerate(instances):
         if not isinstance(instance, dict):
             raise ApiError(400, "InvalidRequest", f"instance {i} is not a JSON object of column values")
@@ -70,7 +72,10 @@ def _describe(endpoint: str, name: str) -> dict[str, Any]:
     try:
         return aws.client("sagemaker").describe_endpoint(EndpointName=endpoint)  # type: ignore[no-any-return]
     except ClientError as error:
-        if "Could not find" in str(error) or error.response["Error"]["Code"] in ("ValidationException", "ValidationError"):
+        if "Could not find" in str(error) or error.response["Error"]["Code"] in (
+            "ValidationException",
+            "ValidationError",
+        ):
             raise ApiError(404, "ModelNotFound", f"no model named {name!r}") from None
         raise
 
@@ -108,10 +113,8 @@ def _invoke_error(error: ClientError, endpoint: str, name: str) -> ApiError:
     if code == "ModelError":
         original = error.response.get("OriginalStatusCode") or 500
         message = error.response.get("OriginalMessage") or error.response["Error"].get("Message", "")
-        try:
+        with contextlib.suppress(ValueError, KeyError, TypeError):
             message = json.loads(message)["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            pass
         if 400 <= int(original) < 500:
             return ApiError(400, "InvalidInput", str(message))
         logger.error("model failed", extra={"endpoint": endpoint, "message": message})

@@ -21,12 +21,19 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
-
 from common import aws
 from common.config import Settings
 from common.errors import DatasetRejected
 from common.events import ObjectRef, objects_in_message
-from common.naming import ResourceNames, data_version, execution_name, object_identity, slugify
+from common.naming import (
+    TRAINING_CODE_KEY,
+    ResourceNames,
+    data_version,
+    execution_name,
+    object_identity,
+    slugify,
+)
+
 from preprocess.core import DatasetSpec, preprocess
 
 logger = Logger()
@@ -37,7 +44,6 @@ processor = BatchProcessor(event_type=EventType.SQS)
 DATASETS_PREFIX = "datasets/"
 SPEC_FILE = "conveyor.json"
 SUPPORTED_SUFFIXES = (".csv", ".csv.gz")
-TRAINING_CODE_KEY = "code/training/sourcedir.tar.gz"
 
 
 def dataset_of(key: str) -> str | None:
@@ -88,7 +94,9 @@ def process_object(ref: ObjectRef, settings: Settings) -> dict[str, Any]:
                 f"unsupported file type: upload {' or '.join(SUPPORTED_SUFFIXES)} files under datasets/{name}/"
             )
         spec = _read_spec(ref.bucket, name)
-        manifest = _manifest_if_done(settings, slug, version) or _preprocess(ref, version_id, spec, provenance, settings)
+        manifest = _manifest_if_done(settings, slug, version) or _preprocess(
+            ref, version_id, spec, provenance, settings
+        )
     except DatasetRejected as rejected:
         return _quarantine(rejected, provenance, settings)
 
@@ -174,7 +182,11 @@ def _preprocess(
     metrics.add_metric("PreprocessSeconds", MetricUnit.Seconds, seconds)
     logger.info(
         "preprocessed",
-        extra={"counts": manifest["counts"], "dropped": manifest["dropped"], "inferred": manifest["inferred"]},
+        extra={
+            "counts": manifest["counts"],
+            "dropped": manifest["dropped"],
+            "inferred": manifest["inferred"],
+        },
     )
     return manifest
 
@@ -193,13 +205,18 @@ def _quarantine(rejected: DatasetRejected, provenance: dict[str, Any], settings:
     key = f"quarantine/{slug}/{version}/report.json"
     bucket = settings.require("processed_bucket")
     aws.client("s3").put_object(
-        Bucket=bucket, Key=key, Body=json.dumps(report, indent=2, default=str).encode(), ContentType="application/json"
+        Bucket=bucket,
+        Key=key,
+        Body=json.dumps(report, indent=2, default=str).encode(),
+        ContentType="application/json",
     )
     if settings.notification_topic_arn:
         aws.client("sns").publish(
             TopicArn=settings.notification_topic_arn,
             Subject=f"conveyor: {slug} {version} quarantined"[:100],
-            Message=json.dumps({"outcome": "quarantined", **report, "report": f"s3://{bucket}/{key}"}, default=str),
+            Message=json.dumps(
+                {"outcome": "quarantined", **report, "report": f"s3://{bucket}/{key}"}, default=str
+            ),
             MessageAttributes={
                 "outcome": {"DataType": "String", "StringValue": "quarantined"},
                 "dataset": {"DataType": "String", "StringValue": slug},
@@ -228,7 +245,10 @@ def _execution_input(manifest: dict[str, Any], spec: DatasetSpec, settings: Sett
         "target": manifest["target"],
         "data": {
             "manifest": _processed_uri(settings, slug, version, "manifest.json"),
-            **{split: _processed_uri(settings, slug, version, split) + "/" for split in ("train", "validation", "test")},
+            **{
+                split: _processed_uri(settings, slug, version, split) + "/"
+                for split in ("train", "validation", "test")
+            },
         },
         "names": names.as_dict(),
         "training": {"hyperparameters": hyperparameters, "output_path": f"s3://{artifacts}/training/{slug}/"},
@@ -240,11 +260,15 @@ def _start_pipeline(settings: Settings, name: str, execution_input: dict[str, An
     """Start the execution; False when this object version already has one (a replayed event)."""
     try:
         aws.client("stepfunctions").start_execution(
-            stateMachineArn=settings.require("state_machine_arn"), name=name, input=json.dumps(execution_input)
+            stateMachineArn=settings.require("state_machine_arn"),
+            name=name,
+            input=json.dumps(execution_input),
         )
     except ClientError as error:
         if error.response["Error"]["Code"] == "ExecutionAlreadyExists":
-            logger.info("duplicate event: this object version already has an execution", extra={"execution": name})
+            logger.info(
+                "duplicate event: this object version already has an execution", extra={"execution": name}
+            )
             return False
         raise
     metrics.add_metric("PipelinesStarted", MetricUnit.Count, 1)

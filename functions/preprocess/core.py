@@ -49,7 +49,9 @@ class DatasetSpec:
             raise DatasetRejected(f"conveyor.json has unknown keys: {', '.join(sorted(unknown))}")
         task = document.get("task")
         if task not in (None, "classification", "regression"):
-            raise DatasetRejected(f"conveyor.json: task must be 'classification' or 'regression', not {task!r}")
+            raise DatasetRejected(
+                f"conveyor.json: task must be 'classification' or 'regression', not {task!r}"
+            )
         threshold = document.get("threshold")
         if threshold is not None and not isinstance(threshold, int | float):
             raise DatasetRejected("conveyor.json: threshold must be a number")
@@ -204,7 +206,9 @@ def _choose_target(header: list[str], spec: DatasetSpec, inferred: list[str]) ->
             if name.strip().lower() == candidate:
                 inferred.append(f"target: column {name!r} (named {candidate!r})")
                 return i
-    inferred.append(f"target: last column {header[-1]!r} (no conveyor.json target, no 'target' or 'label' column)")
+    inferred.append(
+        f"target: last column {header[-1]!r} (no conveyor.json target, no 'target' or 'label' column)"
+    )
     return len(header) - 1
 
 
@@ -394,7 +398,7 @@ def _manifest(
         if target.distinct_count is None or target.distinct_count > MAX_CLASSES:
             raise DatasetRejected(
                 f"the target {target.name!r} has more than {MAX_CLASSES} classes; "
-                "set \"task\": \"regression\" in conveyor.json if it is a number"
+                'set "task": "regression" in conveyor.json if it is a number'
             )
         assert target.distinct is not None
         all_labels = sorted(target.distinct)
@@ -463,5 +467,9 @@ def _describe_feature(column: _Column, rows: int) -> dict[str, Any]:
     if unique_per_row:
         return {**entry, "role": "ignored", "reason": "identifier-like: a distinct value in every row"}
     if distinct is None or distinct > max(MAX_CATEGORIES * 4, rows // 2):
-        return {**entry, "role": "ignored", "reason": f"free text or high-cardinality ({distinct or 'many'} values)"}
+        return {
+            **entry,
+            "role": "ignored",
+            "reason": f"free text or high-cardinality ({distinct or 'many'} values)",
+        }
     return {**entry, "role": "feature", "type": "categorical", "stats": column.categorical_stats()}

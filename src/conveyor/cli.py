@@ -28,9 +28,13 @@ def _configure_logging(verbose: bool) -> None:
     )
     if not verbose:
         # The emulator's request log and the handlers' JSON logs drown the progress a person wants to see.
-        for noisy in ("werkzeug", "botocore", "urllib3", "moto", "conveyor.local.lambda", "preprocess",
-                      "evaluate", "inference_proxy", "conveyor"):
+        for noisy in ("werkzeug", "botocore", "urllib3", "moto", "smart_open", "localcloud.lambda"):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _local_parameters(verbose: bool) -> dict[str, str]:
+    # The functions' own JSON logs (Powertools, level from the template's LogLevel) only when asked for.
+    return {} if verbose else {"LogLevel": "WARNING"}
 
 
 def _target(args: argparse.Namespace) -> Target:
@@ -41,7 +45,12 @@ def _target(args: argparse.Namespace) -> Target:
 def cmd_local_up(args: argparse.Namespace) -> int:
     from conveyor.local.cloud import LocalCloud
 
-    cloud = LocalCloud(port=args.port, api_port=args.api_port, workdir=args.workdir)
+    cloud = LocalCloud(
+        port=args.port,
+        api_port=args.api_port,
+        workdir=args.workdir,
+        parameters=_local_parameters(args.verbose),
+    )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
@@ -66,24 +75,31 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     sample = args.file or Path(str(resources.files("conveyor") / "samples" / "churn.csv"))
     started = time.monotonic()
-    print(f"1/4 starting the local stack (moto + adapters, from template.yaml)…", flush=True)
-    with LocalCloud(workdir=args.workdir) as cloud:
+    print("1/4 starting the local stack (moto + adapters, from template.yaml)…", flush=True)
+    with LocalCloud(workdir=args.workdir, parameters=_local_parameters(args.verbose)) as cloud:
         outputs = cloud.outputs
         args.outputs_file.parent.mkdir(parents=True, exist_ok=True)
         args.outputs_file.write_text(json.dumps(outputs, indent=2) + "\n")
         target = client.load_target(args.outputs_file)
-        print(f"2/4 uploading {sample.name} to s3://{outputs['RawBucketName']}/datasets/{args.dataset}/", flush=True)
+        print(
+            f"2/4 uploading {sample.name} to s3://{outputs['RawBucketName']}/datasets/{args.dataset}/",
+            flush=True,
+        )
         upload = client.upload(target, sample, args.dataset)
         print("3/4 following the pipeline (preprocess → train → evaluate → register → deploy)", flush=True)
         result = client.follow(target, upload, on_progress=lambda line: print(f"    {line}", flush=True))
-        print(f"    → {result.get('status')}: {json.dumps({k: v for k, v in result.items() if k != 'status'})}",
-              flush=True)
+        print(
+            f"    → {result.get('status')}: {json.dumps({k: v for k, v in result.items() if k != 'status'})}",
+            flush=True,
+        )
         if result.get("outcome") != "deployed":
             print("the model was not deployed; see the outcome above", file=sys.stderr)
             return 1
         rows = _read_rows(sample)
-        print(f"4/4 predicting over HTTPS: POST {outputs['ApiUrl']}/models/{upload.dataset}/predict (SigV4)",
-              flush=True)
+        print(
+            f"4/4 predicting over HTTPS: POST {outputs['ApiUrl']}/models/{upload.dataset}/predict (SigV4)",
+            flush=True,
+        )
         _show_predictions(target, upload.dataset, rows, result)
     print(f"done in {time.monotonic() - started:.0f} s", flush=True)
     return 0
@@ -94,13 +110,17 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(handle))
 
 
-def _show_predictions(target: Target, dataset: str, rows: list[dict[str, str]], result: dict[str, Any]) -> None:
+def _show_predictions(
+    target: Target, dataset: str, rows: list[dict[str, str]], result: dict[str, Any]
+) -> None:
     target_column = list(rows[0])[-1]
     for candidate in rows[0]:
         if candidate.lower() in ("target", "label"):
             target_column = candidate
     sample = rows[-200:]
-    answer = client.predict(target, dataset, [{k: v for k, v in r.items() if k != target_column} for r in sample])
+    answer = client.predict(
+        target, dataset, [{k: v for k, v in r.items() if k != target_column} for r in sample]
+    )
     predictions = answer["predictions"]
     print(f"    model_version {answer['model_version']}", flush=True)
     print(f"    {'actual':>10}  {'predicted':>10}  probabilities", flush=True)
@@ -110,9 +130,11 @@ def _show_predictions(target: Target, dataset: str, rows: list[dict[str, str]], 
         print(f"    {row[target_column]:>10}  {shown!s:>10}  {probabilities}", flush=True)
     if "label" in predictions[0]:
         correct = sum(str(p["label"]) == r[target_column] for p, r in zip(predictions, sample, strict=True))
-        print(f"    accuracy on {len(sample)} rows: {correct / len(sample):.3f} "
-              f"(test-split accuracy {result.get('value', float('nan')):.3f}, baseline {result.get('baseline', 0):.3f})",
-              flush=True)
+        print(
+            f"    accuracy on {len(sample)} rows: {correct / len(sample):.3f} "
+            f"(test-split accuracy {result.get('value', float('nan')):.3f}, baseline {result.get('baseline', 0):.3f})",
+            flush=True,
+        )
 
 
 # ---------------------------------------------------------------------------- upload / status / predict
@@ -128,10 +150,21 @@ def cmd_upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_publish_code(args: argparse.Namespace) -> int:
+    from conveyor.local.cloud import project_root, publish_training_code
+
+    target = _target(args)
+    uri = publish_training_code(target.client("s3"), target.outputs["ArtifactsBucketName"], project_root())
+    print(f"training code published to {uri}")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     target = _target(args)
     sfn = target.client("stepfunctions")
-    executions = sfn.list_executions(stateMachineArn=target.outputs["StateMachineArn"], maxResults=50)["executions"]
+    executions = sfn.list_executions(stateMachineArn=target.outputs["StateMachineArn"], maxResults=50)[
+        "executions"
+    ]
     if args.dataset:
         executions = [e for e in executions if e["name"].startswith(args.dataset + "-")]
     if not executions:
@@ -141,9 +174,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         if execution["status"] != "RUNNING":
             described = sfn.describe_execution(executionArn=execution["executionArn"])
             summary = json.loads(described.get("output") or "{}")
-            output = " ".join(f"{k}={summary[k]}" for k in ("outcome", "version", "metric", "value", "reason")
-                              if k in summary)
-        print(f"{execution['startDate']:%Y-%m-%d %H:%M:%S}  {execution['status']:9}  {execution['name']}  {output}")
+            output = " ".join(
+                f"{k}={summary[k]}"
+                for k in ("outcome", "version", "metric", "value", "reason")
+                if k in summary
+            )
+        print(
+            f"{execution['startDate']:%Y-%m-%d %H:%M:%S}  {execution['status']:9}  {execution['name']}  {output}"
+        )
     status, models = client.api_request(target, "GET", "/models")
     if status == 200:
         for model in models["models"]:
@@ -172,16 +210,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show the emulator's and handlers' logs")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--outputs-file", type=Path, default=client.DEFAULT_OUTPUTS,
-                        help="stack outputs written by `conveyor local up` (default: %(default)s)")
+    common.add_argument(
+        "--outputs-file",
+        type=Path,
+        default=client.DEFAULT_OUTPUTS,
+        help="stack outputs written by `conveyor local up` (default: %(default)s)",
+    )
     common.add_argument("--stack", help="a deployed CloudFormation stack to talk to instead")
     common.add_argument("--region", help="AWS region of --stack")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    local = commands.add_parser("local", help="the embedded local stack").add_subparsers(dest="local", required=True)
+    local = commands.add_parser("local", help="the embedded local stack").add_subparsers(
+        dest="local", required=True
+    )
     up = local.add_parser("up", help="run the stack locally until Ctrl-C")
-    up.add_argument("--port", type=int, default=4566, help="AWS endpoint port (default: %(default)s; 0 = any)")
-    up.add_argument("--api-port", type=int, default=8443, help="HTTPS API port (default: %(default)s; 0 = any)")
+    up.add_argument(
+        "--port", type=int, default=4566, help="AWS endpoint port (default: %(default)s; 0 = any)"
+    )
+    up.add_argument(
+        "--api-port", type=int, default=8443, help="HTTPS API port (default: %(default)s; 0 = any)"
+    )
     up.add_argument("--outputs-file", type=Path, default=client.DEFAULT_OUTPUTS)
     up.add_argument("--workdir", type=Path, help="where jobs and endpoints keep files (default: a temp dir)")
     up.set_defaults(func=cmd_local_up)
@@ -199,6 +247,11 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--wait", action="store_true", help="follow the pipeline until it ends")
     upload.set_defaults(func=cmd_upload)
 
+    publish = commands.add_parser(
+        "publish-code", parents=[common], help="upload training/ as the training jobs' source directory"
+    )
+    publish.set_defaults(func=cmd_publish_code)
+
     status = commands.add_parser("status", parents=[common], help="pipeline executions and served models")
     status.add_argument("--dataset")
     status.set_defaults(func=cmd_status)
@@ -206,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     predict = commands.add_parser("predict", parents=[common], help="call POST /models/<name>/predict")
     predict.add_argument("dataset")
     predict.add_argument("--file", type=Path, help="rows as CSV (header row) or JSON")
-    predict.add_argument("--json", help='rows inline: \'[{"column": value}]\'')
+    predict.add_argument("--json", help="rows inline: '[{\"column\": value}]'")
     predict.add_argument("--limit", type=int, default=100, help="at most this many CSV rows")
     predict.set_defaults(func=cmd_predict)
     return parser

@@ -7,7 +7,6 @@ endpoint, credentials and CA bundle) or from a deployed CloudFormation stack.
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,24 +17,22 @@ import boto3
 import requests
 from botocore.exceptions import ClientError
 
+from conveyor.local.cloud import make_functions_importable
 from conveyor.sigv4 import sign_request
 
 DEFAULT_OUTPUTS = Path(".conveyor/outputs.json")
-OUTPUT_KEYS = ("RawBucketName", "ProcessedBucketName", "ArtifactsBucketName", "StateMachineArn", "ApiUrl",
-               "NotificationTopicArn")
+OUTPUT_KEYS = (
+    "RawBucketName",
+    "ProcessedBucketName",
+    "ArtifactsBucketName",
+    "StateMachineArn",
+    "ApiUrl",
+    "NotificationTopicArn",
+)
 
 
 class ConveyorError(RuntimeError):
     """Something the user can fix; the message says what."""
-
-
-def _functions_on_path() -> None:
-    # The naming contract (execution names, slugs) is owned by the Lambda code; reuse it, never restate it.
-    from conveyor.local.cloud import project_root
-
-    functions = str(project_root() / "functions")
-    if functions not in sys.path:
-        sys.path.append(functions)
 
 
 @dataclass
@@ -52,13 +49,10 @@ class Target:
     def client(self, service: str) -> Any:
         return self.session.client(service, endpoint_url=self.endpoint_url)
 
-    @property
-    def stack_name(self) -> str:
-        # The state machine is named <stack>-Pipeline locally; on AWS the stack name is recorded as well.
-        return self.outputs.get("StackName") or self.outputs["StateMachineArn"].rsplit(":", 1)[1].rsplit("-", 1)[0]
 
-
-def load_target(outputs_file: Path | None = None, stack: str | None = None, region: str | None = None) -> Target:
+def load_target(
+    outputs_file: Path | None = None, stack: str | None = None, region: str | None = None
+) -> Target:
     """The stack to talk to: an outputs file, a CloudFormation stack name, or `.conveyor/outputs.json`."""
     if stack:
         session = boto3.session.Session(region_name=region)
@@ -99,7 +93,7 @@ class Upload:
 
 def upload(target: Target, path: Path, dataset: str) -> Upload:
     """Put `path` under `datasets/<dataset>/` in RawBucket; return where, and which execution it will start."""
-    _functions_on_path()
+    make_functions_importable()
     from common.naming import execution_name, object_identity, slugify
 
     if not path.is_file():
@@ -111,7 +105,9 @@ def upload(target: Target, path: Path, dataset: str) -> Upload:
     head = s3.head_object(Bucket=bucket, Key=key)
     identity = object_identity(bucket, key, head.get("VersionId"), head.get("ETag"))
     machine = target.outputs["StateMachineArn"]
-    execution = machine.replace(":stateMachine:", ":execution:") + ":" + execution_name(slugify(dataset), identity)
+    execution = (
+        machine.replace(":stateMachine:", ":execution:") + ":" + execution_name(slugify(dataset), identity)
+    )
     return Upload(slugify(dataset), bucket, key, head.get("VersionId"), head["ETag"], execution)
 
 
@@ -145,7 +141,9 @@ def follow(
         events = sfn.get_execution_history(executionArn=upload_.execution_arn, maxResults=1000)["events"]
         for event in events[seen:]:
             if event["type"].endswith("StateEntered"):
-                on_progress(f"{time.monotonic() - started:6.1f}s  {event['stateEnteredEventDetails']['name']}")
+                on_progress(
+                    f"{time.monotonic() - started:6.1f}s  {event['stateEnteredEventDetails']['name']}"
+                )
         seen = len(events)
         if description["status"] != "RUNNING":
             output = json.loads(description.get("output") or "{}")
@@ -182,7 +180,9 @@ def api_request(target: Target, method: str, path: str, body: Any = None) -> tup
         target.session.region_name or "us-east-1",
         headers={"Content-Type": "application/json"} if body is not None else None,
     )
-    response = requests.request(method, url, data=data, headers=headers, verify=target.ca_bundle or True, timeout=60)
+    response = requests.request(
+        method, url, data=data, headers=headers, verify=target.ca_bundle or True, timeout=60
+    )
     try:
         return response.status_code, response.json()
     except ValueError:

@@ -12,8 +12,14 @@ from conveyor.local.template import Stack
 ROOT = Path(__file__).resolve().parents[2]
 ASL = json.loads((ROOT / "infra/statemachine/pipeline.asl.json").read_text())
 STACK = Stack(ROOT)
-OUTPUTS = {"RawBucketName", "ProcessedBucketName", "ArtifactsBucketName", "StateMachineArn", "ApiUrl",
-           "NotificationTopicArn"}
+OUTPUTS = {
+    "RawBucketName",
+    "ProcessedBucketName",
+    "ArtifactsBucketName",
+    "StateMachineArn",
+    "ApiUrl",
+    "NotificationTopicArn",
+}
 
 
 def tasks():
@@ -97,8 +103,11 @@ def test_lambda_packages_never_carry_torch_or_sagemaker():
     for path in (ROOT / "functions").rglob("*.py"):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
-            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
-                [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            names = (
+                [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else ([node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            )
             for name in names:
                 assert name.split(".")[0] not in {"torch", "sagemaker", "conveyor", "moto"}, (path, name)
 
@@ -122,10 +131,17 @@ def test_moto_still_has_the_hooks_local_mode_patches():
     from moto.sagemakerruntime.models import SageMakerRuntimeBackend
 
     assert hasattr(LambdaFunction, "_invoke_lambda")
-    for name in ("create_training_job", "describe_training_job", "create_endpoint", "describe_endpoint_config",
-                 "describe_model"):
+    for name in (
+        "create_training_job",
+        "describe_training_job",
+        "create_endpoint",
+        "describe_endpoint_config",
+        "describe_model",
+    ):
         assert hasattr(SageMakerModelBackend, name), name
     assert hasattr(SageMakerRuntimeBackend, "invoke_endpoint")
     assert "training_job_status" in FakeTrainingJob.__init__.__code__.co_names
     assert "endpoint_status" in FakeEndpoint.__init__.__code__.co_names
-    assert not hasattr(SageMakerModelBackend, "update_endpoint"), "moto now has UpdateEndpoint: revisit the adapter"
+    assert not hasattr(SageMakerModelBackend, "update_endpoint"), (
+        "moto now has UpdateEndpoint: revisit the adapter"
+    )

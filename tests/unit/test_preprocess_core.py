@@ -34,7 +34,10 @@ class Splits:
 def run(text: str, spec: DatasetSpec | None = None, encoding="utf-8"):
     splits = Splits()
     manifest = preprocess(
-        io.BytesIO(text.encode(encoding)), spec=spec or DatasetSpec(), open_split=splits.open, provenance=PROVENANCE
+        io.BytesIO(text.encode(encoding)),
+        spec=spec or DatasetSpec(),
+        open_split=splits.open,
+        provenance=PROVENANCE,
     )
     return manifest, splits
 

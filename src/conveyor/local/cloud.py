@@ -12,6 +12,7 @@ import logging
 import os
 import secrets
 import socket
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -28,8 +29,7 @@ from conveyor.local.lambdas import FunctionSpec, LambdaRuntime, SqsEventSource
 from conveyor.local.template import Stack
 from conveyor.local.training import TrainingAdapter
 
-log = logging.getLogger("conveyor.local")
-TRAINING_CODE_KEY = "code/training/sourcedir.tar.gz"
+log = logging.getLogger("localcloud")
 # Template parameters that make sense on a laptop: no GPU instance is involved, and polling every
 # minute would make the demo take an hour.
 LOCAL_PARAMETERS = {"PollIntervalSeconds": "1", "TrainingInstanceType": "ml.m5.xlarge"}
@@ -48,6 +48,13 @@ def project_root() -> Path:
         if (parent / "template.yaml").exists() and (parent / "functions").is_dir():
             return parent
     raise FileNotFoundError("cannot find template.yaml above " + str(here))
+
+
+def make_functions_importable(root: Path | None = None) -> None:
+    """Let the CLI reuse contracts the Lambda code owns (`common.naming`) instead of restating them."""
+    functions = str((root or project_root()) / "functions")
+    if functions not in sys.path:
+        sys.path.append(functions)
 
 
 class LocalCloud:
@@ -112,7 +119,9 @@ class LocalCloud:
     def start(self) -> dict[str, str]:
         """Start the emulator and the adapters, create the stack's resources; return the outputs."""
         self._set_environment()
-        self.runtime = LambdaRuntime(self._lambda_base_environment(), self.stack.region, self.stack.account_id)
+        self.runtime = LambdaRuntime(
+            self._lambda_base_environment(), self.stack.region, self.stack.account_id
+        )
         self.runtime.install()
         self.training.install()
         self.hosting.install()
@@ -194,9 +203,15 @@ class LocalCloud:
             if "BucketEncryption" in bucket.properties:
                 s3.put_bucket_encryption(
                     Bucket=name,
-                    ServerSideEncryptionConfiguration=bucket.properties["BucketEncryption"][
-                        "ServerSideEncryptionConfiguration"
-                    ],
+                    # CloudFormation spells the API's Rules[].ApplyServerSideEncryptionByDefault differently.
+                    ServerSideEncryptionConfiguration={
+                        "Rules": [
+                            {"ApplyServerSideEncryptionByDefault": rule["ServerSideEncryptionByDefault"]}
+                            for rule in bucket.properties["BucketEncryption"][
+                                "ServerSideEncryptionConfiguration"
+                            ]
+                        ]
+                    },
                 )
         # Dead-letter queues first: a redrive policy names its target.
         queues = sorted(stack.of_type("AWS::SQS::Queue"), key=lambda q: "RedrivePolicy" in q.properties)
@@ -215,7 +230,9 @@ class LocalCloud:
         trust = json.dumps({"Version": "2012-10-17", "Statement": []})
         for role in stack.of_type("AWS::IAM::Role"):
             iam.create_role(RoleName=role.attributes["Ref"], AssumeRolePolicyDocument=trust)
-        lambda_role = iam.create_role(RoleName=f"{stack.stack_name}-local-lambda", AssumeRolePolicyDocument=trust)
+        lambda_role = iam.create_role(
+            RoleName=f"{stack.stack_name}-local-lambda", AssumeRolePolicyDocument=trust
+        )
         assert self.runtime is not None
         for function in stack.of_type("AWS::Serverless::Function"):
             props = function.properties
@@ -283,16 +300,17 @@ class LocalCloud:
                     queue_arn=queue.attributes["Arn"],
                     batch_size=int(props.get("BatchSize", 10)),
                     region=self.stack.region,
-                    report_batch_item_failures="ReportBatchItemFailures" in props.get("FunctionResponseTypes", []),
+                    report_batch_item_failures="ReportBatchItemFailures"
+                    in props.get("FunctionResponseTypes", []),
                 )
                 poller.start()
                 self._pollers.append(poller)
 
     def publish_training_code(self) -> str:
         """Upload training/ as the `sagemaker_submit_directory` tarball the pipeline's jobs run."""
-        artifacts = self.stack.resources["ArtifactsBucket"].attributes["Ref"]
-        self.client("s3").put_object(Bucket=artifacts, Key=TRAINING_CODE_KEY, Body=training_sourcedir(self.root))
-        return f"s3://{artifacts}/{TRAINING_CODE_KEY}"
+        return publish_training_code(
+            self.client("s3"), self.stack.resources["ArtifactsBucket"].attributes["Ref"], self.root
+        )
 
     # ------------------------------------------------------------------ API
     def _start_api(self) -> None:
@@ -307,7 +325,9 @@ class LocalCloud:
             for event in function.properties.get("Events", {}).values():
                 if event["Type"] == "HttpApi":
                     props = event["Properties"]
-                    routes.append((props["Method"].upper(), props["Path"], f"{props['Method'].upper()} {props['Path']}"))
+                    routes.append(
+                        (props["Method"].upper(), props["Path"], f"{props['Method'].upper()} {props['Path']}")
+                    )
                     proxy = function.attributes["Ref"]
         runtime = self.runtime
 
@@ -341,6 +361,15 @@ class LocalCloud:
             CaBundle=str(self.ca_bundle),
         )
         return outputs
+
+
+def publish_training_code(s3: Any, artifacts_bucket: str, root: Path) -> str:
+    """Upload training/ as SageMaker's `sourcedir.tar.gz` where the pipeline's jobs look for it."""
+    make_functions_importable(root)
+    from common.naming import TRAINING_CODE_KEY
+
+    s3.put_object(Bucket=artifacts_bucket, Key=TRAINING_CODE_KEY, Body=training_sourcedir(root))
+    return f"s3://{artifacts_bucket}/{TRAINING_CODE_KEY}"
 
 
 def training_sourcedir(root: Path) -> bytes:

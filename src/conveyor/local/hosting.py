@@ -36,7 +36,7 @@ from moto.sagemakerruntime import models as runtime_models
 
 from conveyor.local.training import split_s3
 
-log = logging.getLogger("conveyor.local.hosting")
+log = logging.getLogger("localcloud.hosting")
 READY_TIMEOUT = 180
 
 
@@ -46,7 +46,7 @@ class ModelError(ServiceException):
     code = "ModelError"
 
     def __init__(self, status: int, body: str, log_stream: str) -> None:
-        super().__init__(f"Received client error ({status}) from primary with message \"{body}\".")
+        super().__init__(f'Received client error ({status}) from primary with message "{body}".')
         self.OriginalStatusCode = status
         self.OriginalMessage = body
         self.LogStreamArn = log_stream
@@ -85,8 +85,11 @@ class HostingAdapter:
     def install(self) -> None:
         backend = sagemaker_models.SageMakerModelBackend
         runtime = runtime_models.SageMakerRuntimeBackend
-        for owner, name in ((backend, "create_endpoint"), (backend, "describe_endpoint_config"),
-                            (runtime, "invoke_endpoint")):
+        for owner, name in (
+            (backend, "create_endpoint"),
+            (backend, "describe_endpoint_config"),
+            (runtime, "invoke_endpoint"),
+        ):
             if not hasattr(owner, name):
                 raise RuntimeError(f"moto changed: {owner.__name__}.{name} is gone; see docs/local-mode.md")
             self._saved[(owner, name)] = getattr(owner, name)
@@ -96,9 +99,11 @@ class HostingAdapter:
         adapter = self
         original_create = self._saved[(backend, "create_endpoint")]
 
-        def create_endpoint(backend_self: Any, endpoint_name: str, endpoint_config_name: str, tags: Any) -> Any:
+        def create_endpoint(
+            backend_self: Any, endpoint_name: str, endpoint_config_name: str, tags: Any
+        ) -> Any:
             if endpoint_name in backend_self.endpoints:
-                raise ValidationError(message=f"Cannot create already existing endpoint \"{endpoint_name}\".")
+                raise ValidationError(message=f'Cannot create already existing endpoint "{endpoint_name}".')
             endpoint = original_create(backend_self, endpoint_name, endpoint_config_name, tags)
             endpoint.endpoint_status = "Creating"
             adapter._in_background(adapter._deploy, backend_self, endpoint, endpoint_config_name, False)
@@ -107,11 +112,12 @@ class HostingAdapter:
         def update_endpoint(backend_self: Any, endpoint_name: str, endpoint_config_name: str) -> Any:
             endpoint = backend_self.endpoints.get(endpoint_name)
             if endpoint is None:
-                raise ValidationError(message=f"Could not find endpoint \"{endpoint_name}\".")
+                raise ValidationError(message=f'Could not find endpoint "{endpoint_name}".')
             if endpoint.endpoint_status != "InService":
                 raise ValidationError(
-                    message=f"Cannot update in-progress endpoint \"{endpoint.endpoint_arn}\"."
-                    if hasattr(endpoint, "endpoint_arn") else f"Cannot update endpoint in status {endpoint.endpoint_status}."
+                    message=f'Cannot update in-progress endpoint "{endpoint.endpoint_arn}".'
+                    if hasattr(endpoint, "endpoint_arn")
+                    else f"Cannot update endpoint in status {endpoint.endpoint_status}."
                 )
             backend_self.describe_endpoint_config(endpoint_config_name)  # raises if it does not exist
             endpoint.endpoint_status = "Updating"
@@ -125,9 +131,13 @@ class HostingAdapter:
             )
             return ActionResult({"EndpointArn": endpoint.arn})
 
-        def invoke_endpoint(runtime_self: Any, endpoint_name: str, unique_repr: bytes) -> tuple[str, str, str, str]:
+        def invoke_endpoint(
+            runtime_self: Any, endpoint_name: str, unique_repr: bytes
+        ) -> tuple[str, str, str, str]:
             request = json.loads(base64.b64decode(unique_repr))
-            return adapter.invoke(endpoint_name, request.get("Body") or "", request.get("Accept") or "application/json")
+            return adapter.invoke(
+                endpoint_name, request.get("Body") or "", request.get("Accept") or "application/json"
+            )
 
         backend.create_endpoint = create_endpoint  # type: ignore[method-assign]
         backend.update_endpoint = update_endpoint  # type: ignore[attr-defined]
@@ -145,7 +155,9 @@ class HostingAdapter:
 
     # ------------------------------------------------------------------ behaviour
     def _in_background(self, target: Callable[..., None], *args: Any) -> None:
-        threading.Thread(target=target, args=args, daemon=True, name=f"endpoint-{args[1].endpoint_name}").start()
+        threading.Thread(
+            target=target, args=args, daemon=True, name=f"endpoint-{args[1].endpoint_name}"
+        ).start()
 
     def _deploy(self, backend: Any, endpoint: Any, endpoint_config_name: str, is_update: bool) -> None:
         name = endpoint.endpoint_name
@@ -154,7 +166,9 @@ class HostingAdapter:
             variant = config["ProductionVariants"][0]
             model = backend.describe_model(variant["ModelName"]).response_object
             container = model.get("PrimaryContainer") or model["Containers"][0]
-            server = self._start_server(name, endpoint_config_name, variant["VariantName"], container["ModelDataUrl"])
+            server = self._start_server(
+                name, endpoint_config_name, variant["VariantName"], container["ModelDataUrl"]
+            )
         except Exception as exc:
             log.warning("endpoint %s: %s could not start: %s", name, endpoint_config_name, exc)
             endpoint.failure_reason = f"{endpoint_config_name}: {exc}"[:1024]
@@ -188,7 +202,15 @@ class HostingAdapter:
         port = _free_port()
         log_file = (model_dir.parent / "server.log").open("wb")
         process = subprocess.Popen(
-            [self._python, "-m", "conveyor.local.model_server", "--model-dir", str(model_dir), "--port", str(port)],
+            [
+                self._python,
+                "-m",
+                "conveyor.local.model_server",
+                "--model-dir",
+                str(model_dir),
+                "--port",
+                str(port),
+            ],
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -235,8 +257,12 @@ class HostingAdapter:
             )
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
         try:
-            connection.request("POST", "/invocations", body=body.encode(),
-                               headers={"Content-Type": "application/json", "Accept": accept})
+            connection.request(
+                "POST",
+                "/invocations",
+                body=body.encode(),
+                headers={"Content-Type": "application/json", "Accept": accept},
+            )
             response = connection.getresponse()
             answer = response.read().decode()
         finally:

@@ -24,7 +24,7 @@ from typing import Any
 
 from moto.awslambda import models as lambda_models
 
-log = logging.getLogger("conveyor.local.lambda")
+log = logging.getLogger("localcloud.lambda")
 
 
 @dataclass
@@ -230,7 +230,11 @@ class SqsEventSource:
             "body": message["Body"],
             "attributes": message.get("Attributes", {}),
             "messageAttributes": {
-                k: {**{_lower_first(f): v for f, v in a.items()}, "stringListValues": [], "binaryListValues": []}
+                k: {
+                    **{_lower_first(f): v for f, v in a.items()},
+                    "stringListValues": [],
+                    "binaryListValues": [],
+                }
                 for k, a in message.get("MessageAttributes", {}).items()
             },
             "md5OfBody": message["MD5OfBody"],

@@ -16,7 +16,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-log = logging.getLogger("conveyor.model_server")
+log = logging.getLogger("localcloud.model_server")
 
 
 def load_handlers(model_dir: Path) -> tuple[ModuleType, Any]:

@@ -42,7 +42,7 @@ _CfnLoader.add_multi_constructor("!", _construct_tag)
 
 def load_template(path: Path) -> dict[str, Any]:
     with path.open() as handle:
-        document: dict[str, Any] = yaml.load(handle, Loader=_CfnLoader)  # noqa: S506 (SafeLoader subclass)
+        document: dict[str, Any] = yaml.load(handle, Loader=_CfnLoader)
     return document
 
 
@@ -140,7 +140,9 @@ class Stack:
             if key == "Fn::Sub":
                 return self._sub(arg)
             if key.startswith("Fn::"):
-                raise NotImplementedError(f"local mode does not resolve {key}; keep the template to Ref/GetAtt/Sub")
+                raise NotImplementedError(
+                    f"local mode does not resolve {key}; keep the template to Ref/GetAtt/Sub"
+                )
         return {k: self.resolve(v) for k, v in value.items()}
 
     def _ref(self, name: str) -> str:
@@ -185,13 +187,17 @@ class Stack:
         substitutions = {k: str(self.resolve(v)) for k, v in props.get("DefinitionSubstitutions", {}).items()}
         missing = sorted(set(_SUB.findall(text)) - set(substitutions))
         if missing:
-            raise KeyError(f"{props['DefinitionUri']} uses substitutions the template does not define: {missing}")
+            raise KeyError(
+                f"{props['DefinitionUri']} uses substitutions the template does not define: {missing}"
+            )
         text = _SUB.sub(lambda m: substitutions[m.group(1)], text)
         json.loads(text)  # a substitution must not break the JSON
         return text
 
     def outputs(self) -> dict[str, str]:
-        return {name: str(self.resolve(spec["Value"])) for name, spec in self.template.get("Outputs", {}).items()}
+        return {
+            name: str(self.resolve(spec["Value"])) for name, spec in self.template.get("Outputs", {}).items()
+        }
 
 
 def _merge_globals(globals_: dict[str, Any], properties: dict[str, Any]) -> dict[str, Any]:

@@ -9,6 +9,7 @@ temporary root, `SM_*` variables, hyperparameters as arguments. When it ends, `m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from moto.core.utils import utcnow
 from moto.sagemaker import models as sagemaker_models
 from moto.sagemaker.exceptions import ResourceInUseException
 
-log = logging.getLogger("conveyor.local.training")
+log = logging.getLogger("localcloud.training")
 HOST = "algo-1"
 
 
@@ -74,15 +75,19 @@ class TrainingAdapter:
         backend = sagemaker_models.SageMakerModelBackend
         for name in ("create_training_job", "describe_training_job"):
             if not hasattr(backend, name):
-                raise RuntimeError(f"moto changed: SageMakerModelBackend.{name} is gone; see docs/local-mode.md")
+                raise RuntimeError(
+                    f"moto changed: SageMakerModelBackend.{name} is gone; see docs/local-mode.md"
+                )
         self._original = backend.create_training_job
         adapter = self
 
         def create_training_job(backend_self: Any, *args: Any, **kwargs: Any) -> Any:
             name = kwargs.get("training_job_name", args[0] if args else None)
             if name in backend_self.training_jobs:
-                raise ResourceInUseException(f"Training job names must be unique within an AWS account and region, "
-                                             f"and a training job with this name already exists ({name})")
+                raise ResourceInUseException(
+                    f"Training job names must be unique within an AWS account and region, "
+                    f"and a training job with this name already exists ({name})"
+                )
             spec = kwargs.get("algorithm_specification") or {}
             requested_metrics = list(spec.get("MetricDefinitions") or [])
             assert adapter._original is not None
@@ -104,7 +109,9 @@ class TrainingAdapter:
             self._original = None
 
     def start(self, job: Any) -> None:
-        thread = threading.Thread(target=self._run_safely, args=(job,), name=f"train-{job.training_job_name}", daemon=True)
+        thread = threading.Thread(
+            target=self._run_safely, args=(job,), name=f"train-{job.training_job_name}", daemon=True
+        )
         self._threads.append(thread)
         thread.start()
 
@@ -230,21 +237,34 @@ class TrainingAdapter:
             log.info("training job %s completed in %.1f s", name, elapsed)
             _finish(job, "Completed", seconds=elapsed)
         elif elapsed >= max_runtime:
-            _finish(job, "Stopped", secondary="MaxRuntimeExceeded", seconds=elapsed,
-                    failure_reason=f"Training job reached its MaxRuntimeInSeconds ({max_runtime})")
+            _finish(
+                job,
+                "Stopped",
+                secondary="MaxRuntimeExceeded",
+                seconds=elapsed,
+                failure_reason=f"Training job reached its MaxRuntimeInSeconds ({max_runtime})",
+            )
         else:
             failure_file = ml / "output" / "failure"
             if failure_file.exists() and failure_file.read_text().strip():
                 reason = f"AlgorithmError: {failure_file.read_text().strip()}"
             else:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
-                reason = f"AlgorithmError: ExecuteUserScriptError: exit code {returncode}: " + " | ".join(tail)
+                reason = f"AlgorithmError: ExecuteUserScriptError: exit code {returncode}: " + " | ".join(
+                    tail
+                )
             log.warning("training job %s failed: %s", name, reason)
             _finish(job, "Failed", failure_reason=reason[:1024], seconds=elapsed)
 
 
-def _finish(job: Any, status: str, *, secondary: str | None = None, failure_reason: str | None = None,
-            seconds: float | None = None) -> None:
+def _finish(
+    job: Any,
+    status: str,
+    *,
+    secondary: str | None = None,
+    failure_reason: str | None = None,
+    seconds: float | None = None,
+) -> None:
     if failure_reason:
         job.failure_reason = failure_reason
     if seconds is not None:
@@ -278,10 +298,8 @@ class _MetricScraper:
         for name, pattern in self._patterns:
             match = pattern.search(line)
             if match:
-                try:
+                with contextlib.suppress(ValueError, IndexError):
                     self._latest[name] = float(match.group(1))
-                except (ValueError, IndexError):
-                    pass
 
     def final(self) -> list[dict[str, Any]]:
         now = utcnow()
