@@ -3,8 +3,12 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+# aws-sam-cli pins old boto3: it lives in its own virtualenv, never in the project's.
+SAM_VENV  := .tools/sam
+SAM_STAMP := $(SAM_VENV)/.installed
+SAM_CLI   := aws-sam-cli==1.170.0
 
-.PHONY: demo test test-unit lint install clean
+.PHONY: demo test test-unit lint lint-infra install clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: conveyor needs Python 3.11+" >&2; exit 1; }
@@ -20,8 +24,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/conveyor demo
 
-test: $(STAMP)
+test: $(STAMP) lint-infra
 	$(BIN)/python -m pytest
+
+$(SAM_STAMP):
+	@test -x $(SAM_VENV)/bin/python || $(PYTHON) -m venv $(SAM_VENV)
+	$(SAM_VENV)/bin/pip install --quiet "$(SAM_CLI)"
+	@touch $(SAM_STAMP)
+
+# The template must pass SAM's validator with its cfn-lint rules (offline).
+lint-infra: $(SAM_STAMP)
+	SAM_CLI_TELEMETRY=0 $(SAM_VENV)/bin/sam validate --lint --template template.yaml
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
@@ -31,4 +44,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src functions training tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info src/*.egg-info
+	rm -rf $(VENV) .tools .pytest_cache build *.egg-info src/*.egg-info

@@ -1,0 +1,245 @@
+"""The local stack end to end, driven the way a user drives it: plain boto3 and signed HTTPS requests."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import random
+import time
+from collections import Counter
+from pathlib import Path
+
+import boto3
+import pytest
+import requests
+
+from conveyor import client
+from conveyor.local.cloud import LocalCloud
+from conveyor.sigv4 import sign_request
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory):
+    local = LocalCloud(ROOT, workdir=tmp_path_factory.mktemp("cloud"))
+    local.start()
+    yield local
+    local.stop()
+
+
+@pytest.fixture(scope="module")
+def outputs_file(cloud, tmp_path_factory):
+    path = tmp_path_factory.mktemp("outputs") / "outputs.json"
+    path.write_text(json.dumps(cloud.outputs))
+    return path
+
+
+def aws(outputs: dict, service: str):
+    """A plain boto3 client built only from the outputs file, as any user would."""
+    return boto3.client(
+        service,
+        endpoint_url=outputs["EndpointUrl"],
+        region_name=outputs["Region"],
+        aws_access_key_id=outputs["AccessKeyId"],
+        aws_secret_access_key=outputs["SecretAccessKey"],
+    )
+
+
+def signed_post(outputs: dict, path: str, body: dict, secret: str | None = None) -> requests.Response:
+    url = outputs["ApiUrl"] + path
+    data = json.dumps(body).encode()
+    headers = sign_request(
+        "POST",
+        url,
+        data,
+        (outputs["AccessKeyId"], secret or outputs["SecretAccessKey"], None),
+        outputs["Region"],
+        headers={"Content-Type": "application/json"},
+    )
+    return requests.post(url, data=data, headers=headers, verify=outputs["CaBundle"], timeout=60)
+
+
+def three_class_rows(n=900, seed=11):
+    """Integer labels 1/2/3 in the first column, a categorical habitat, an ID column, some noise."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        kind = rng.choice([1, 2, 3])
+        habitat = rng.choice(["reef", "lagoon", "open-sea"]) if kind != 3 else rng.choice(["reef", "trench"])
+        rows.append(
+            {
+                "Kind": kind,
+                "specimen": f"S-{i:05d}",
+                "length cm": round(10 * kind + rng.gauss(0, 4), 2),
+                "weight": round(kind**1.5 + rng.gauss(0, 1.2), 3),
+                "habitat": habitat,
+                "noise": rng.random(),
+            }
+        )
+    return rows
+
+
+def to_csv(rows: list[dict]) -> bytes:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return out.getvalue().encode()
+
+
+def wait_for_execution(sfn, machine_arn: str, prefix: str, timeout=300) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [e for e in sfn.list_executions(stateMachineArn=machine_arn)["executions"] if e["name"].startswith(prefix)]
+        if found and found[0]["status"] != "RUNNING":
+            return sfn.describe_execution(executionArn=found[0]["executionArn"])
+        time.sleep(1)
+    raise AssertionError(f"no finished execution for {prefix} within {timeout} s")
+
+
+def test_upload_trains_registers_deploys_and_serves_over_https(cloud, outputs_file):
+    outputs = json.loads(outputs_file.read_text())
+    rows = three_class_rows()
+    s3, sfn, sagemaker = (aws(outputs, s) for s in ("s3", "stepfunctions", "sagemaker"))
+
+    s3.put_object(Bucket=outputs["RawBucketName"], Key="datasets/Sea Creatures/catch 2026.csv", Body=to_csv(rows))
+    execution = wait_for_execution(sfn, outputs["StateMachineArn"], "sea-creatures-")
+    assert execution["status"] == "SUCCEEDED", execution.get("cause")
+    summary = json.loads(execution["output"])
+    assert summary["outcome"] == "deployed"
+    assert summary["value"] > summary["baseline"]
+
+    # What the real services would hold afterwards.
+    version = summary["version"]
+    processed = {o["Key"] for o in s3.list_objects_v2(Bucket=outputs["ProcessedBucketName"])["Contents"]}
+    for part in ("manifest.json", "train/part-00000.csv", "validation/part-00000.csv", "test/part-00000.csv"):
+        assert f"sea-creatures/{version}/{part}" in processed
+    manifest = json.loads(
+        s3.get_object(Bucket=outputs["ProcessedBucketName"], Key=f"sea-creatures/{version}/manifest.json")["Body"].read()
+    )
+    assert manifest["target"] == "Kind" and manifest["labels"] == [1, 2, 3]
+    artifacts = {o["Key"] for o in s3.list_objects_v2(Bucket=outputs["ArtifactsBucketName"])["Contents"]}
+    assert any(k.endswith(f"sea-creatures-{version}/output/model.tar.gz") for k in artifacts)
+    packages = sagemaker.list_model_packages(ModelPackageGroupName="conveyor-sea-creatures")["ModelPackageSummaryList"]
+    assert len(packages) == 1 and packages[0]["ModelApprovalStatus"] == "Approved"
+    package = sagemaker.describe_model_package(ModelPackageName=packages[0]["ModelPackageArn"])
+    metrics_uri = package["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]
+    bucket, key = metrics_uri[len("s3://") :].split("/", 1)
+    evaluation = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert evaluation["conveyor"]["metric"] == "accuracy"
+    endpoint = sagemaker.describe_endpoint(EndpointName="conveyor-sea-creatures")
+    assert endpoint["EndpointStatus"] == "InService"
+    assert endpoint["EndpointConfigName"] == f"sea-creatures-{version}"
+
+    # Predictions over HTTPS, signed with SigV4 and verified against the local CA.
+    instances = [{k: v for k, v in row.items() if k != "Kind"} for row in rows]
+    answer = signed_post(outputs, "/models/sea-creatures/predict", {"instances": instances})
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert body["model_version"] == version
+    predictions = body["predictions"]
+    assert len(predictions) == len(rows)
+    assert all(abs(sum(p["probabilities"].values()) - 1) < 1e-4 for p in predictions)
+    accuracy = sum(p["label"] == row["Kind"] for p, row in zip(predictions, rows, strict=True)) / len(rows)
+    majority = Counter(row["Kind"] for row in rows).most_common(1)[0][1] / len(rows)
+    assert accuracy > majority + 0.25, (accuracy, majority)
+
+
+def test_prediction_errors_are_clear_json(cloud):
+    outputs = cloud.outputs
+    missing = signed_post(outputs, "/models/no-such-model/predict", {"instances": [{"a": 1}]})
+    assert missing.status_code == 404
+    assert missing.json()["error"]["code"] == "ModelNotFound"
+    bad = signed_post(outputs, "/models/sea-creatures/predict", {"rows": []})
+    assert bad.status_code == 400
+    assert "instances" in bad.json()["error"]["message"]
+
+
+def test_unsigned_or_wrongly_signed_requests_never_reach_the_model(cloud):
+    outputs = cloud.outputs
+    url = outputs["ApiUrl"] + "/models/sea-creatures/predict"
+    unsigned = requests.post(url, json={"instances": [{}]}, verify=outputs["CaBundle"], timeout=10)
+    assert unsigned.status_code in (401, 403)
+    wrong = signed_post(outputs, "/models/sea-creatures/predict", {"instances": [{}]}, secret="not-the-secret")
+    assert wrong.status_code == 403
+
+
+def test_a_replayed_event_starts_no_second_training(cloud):
+    outputs = cloud.outputs
+    s3, sqs, sfn = (aws(outputs, s) for s in ("s3", "sqs", "stepfunctions"))
+    rows = three_class_rows(n=300, seed=5)
+    key = "datasets/replay/data.csv"
+    put = s3.put_object(Bucket=outputs["RawBucketName"], Key=key, Body=to_csv(rows))
+    first = wait_for_execution(sfn, outputs["StateMachineArn"], "replay-")
+    assert first["status"] == "SUCCEEDED", first.get("cause")
+    # Deliver the same notification twice more, as S3's at-least-once delivery may.
+    queue_url = cloud.stack.resources["IngestQueue"].attributes["Ref"]
+    notification = {
+        "Records": [
+            {
+                "eventSource": "aws:s3",
+                "eventName": "ObjectCreated:Put",
+                "s3": {
+                    "bucket": {"name": outputs["RawBucketName"]},
+                    "object": {"key": key, "size": 1, "eTag": put["ETag"].strip('"'), "versionId": put["VersionId"]},
+                },
+            }
+        ]
+    }
+    for _ in range(2):
+        sqs.send_message(QueueUrl=queue_url, MessageBody=json.dumps(notification))
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
+        if attributes["ApproximateNumberOfMessages"] == "0" and attributes["ApproximateNumberOfMessagesNotVisible"] == "0":
+            break
+        time.sleep(0.5)
+    executions = [e for e in sfn.list_executions(stateMachineArn=outputs["StateMachineArn"])["executions"]
+                  if e["name"].startswith("replay-")]
+    assert len(executions) == 1
+
+
+def test_an_unusable_file_is_quarantined_and_left_untouched(cloud):
+    outputs = cloud.outputs
+    s3, sfn = aws(outputs, "s3"), aws(outputs, "stepfunctions")
+    body = to_csv([{"x": i, "label": "same"} for i in range(100)])
+    s3.put_object(Bucket=outputs["RawBucketName"], Key="datasets/one-class/data.csv", Body=body)
+    deadline = time.monotonic() + 30
+    report = None
+    while time.monotonic() < deadline and report is None:
+        listing = s3.list_objects_v2(Bucket=outputs["ProcessedBucketName"], Prefix="quarantine/one-class/")
+        if listing.get("Contents"):
+            key = listing["Contents"][0]["Key"]
+            report = json.loads(s3.get_object(Bucket=outputs["ProcessedBucketName"], Key=key)["Body"].read())
+        time.sleep(0.5)
+    assert report is not None
+    assert "single class" in report["reason"]
+    assert s3.get_object(Bucket=outputs["RawBucketName"], Key="datasets/one-class/data.csv")["Body"].read() == body
+    executions = sfn.list_executions(stateMachineArn=outputs["StateMachineArn"])["executions"]
+    assert not [e for e in executions if e["name"].startswith("one-class-")]
+
+
+def test_the_cli_client_follows_an_upload(cloud, outputs_file, tmp_path):
+    target = client.load_target(outputs_file)
+    path = tmp_path / "prices.csv"
+    rng = random.Random(3)
+    rows = []
+    for _ in range(400):
+        size = rng.uniform(20, 200)
+        rooms = rng.randint(1, 6)
+        rows.append({"size_m2": round(size, 1), "rooms": rooms, "city": rng.choice(["north", "south"]),
+                     "price": round(1500 * size + 9000 * rooms + rng.gauss(0, 8000), 0)})
+    path.write_bytes(to_csv(rows))
+    upload = client.upload(target, path, "prices")
+    lines: list[str] = []
+    result = client.follow(target, upload, on_progress=lines.append, timeout=300)
+    assert result["status"] == "SUCCEEDED", result
+    assert result["outcome"] == "deployed" and result["metric"] == "r2"
+    assert any("StartTrainingJob" in line for line in lines)
+    answer = client.predict(target, "prices", [{k: v for k, v in r.items() if k != "price"} for r in rows[:50]])
+    errors = [abs(p["value"] - r["price"]) for p, r in zip(answer["predictions"], rows[:50], strict=True)]
+    spread = max(r["price"] for r in rows) - min(r["price"] for r in rows)
+    assert sum(errors) / len(errors) < 0.1 * spread
