@@ -6,6 +6,7 @@ Validates the request shape and size here, where a bad request is cheap, and let
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 from typing import Any
@@ -46,6 +47,12 @@ def _endpoint_for(name: str, settings: Settings) -> str:
     if not SLUG_PATTERN.match(name):
         raise ApiError(404, "ModelNotFound", f"no model named {name!r}")
     return endpoint_name(settings.stack_name, name)
+
+
+def _body_bytes() -> bytes:
+    event = app.current_event
+    body = event.body or ""
+    return base64.b64decode(body) if event.is_base64_encoded else body.encode()
 
 
 def _parse_instances(raw: bytes, limit: int) -> list[dict[str, Any]]:
@@ -94,7 +101,7 @@ def _model_summary(name: str, description: dict[str, Any]) -> dict[str, Any]:
 def predict(name: str) -> Response:
     settings = Settings.from_env()
     endpoint = _endpoint_for(name, settings)
-    instances = _parse_instances(app.current_event.decoded_body_bytes, settings.max_request_bytes)
+    instances = _parse_instances(_body_bytes(), settings.max_request_bytes)
     try:
         answer = aws.client("sagemaker-runtime").invoke_endpoint(
             EndpointName=endpoint,

@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,19 @@ def _configure_logging(verbose: bool) -> None:
     )
     if not verbose:
         # The emulator's request log and the handlers' JSON logs drown the progress a person wants to see.
-        for noisy in ("werkzeug", "botocore", "urllib3", "moto", "smart_open", "localcloud.lambda"):
+        for noisy in (
+            "werkzeug",
+            "botocore",
+            "urllib3",
+            "smart_open",
+            "localcloud.lambda",
+            "localcloud.gateway",
+        ):
             logging.getLogger(noisy).setLevel(logging.WARNING)
+        # moto warns about every optimised integration it forwards and logs each failed state as an
+        # error; the demo's own progress lines already say what failed and why.
+        logging.getLogger("moto").setLevel(logging.CRITICAL)
+        warnings.filterwarnings("ignore", message="No application metrics to publish")
 
 
 def _local_parameters(verbose: bool) -> dict[str, str]:

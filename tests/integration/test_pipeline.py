@@ -93,7 +93,11 @@ def to_csv(rows: list[dict]) -> bytes:
 def wait_for_execution(sfn, machine_arn: str, prefix: str, timeout=300) -> dict:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        found = [e for e in sfn.list_executions(stateMachineArn=machine_arn)["executions"] if e["name"].startswith(prefix)]
+        found = [
+            e
+            for e in sfn.list_executions(stateMachineArn=machine_arn)["executions"]
+            if e["name"].startswith(prefix)
+        ]
         if found and found[0]["status"] != "RUNNING":
             return sfn.describe_execution(executionArn=found[0]["executionArn"])
         time.sleep(1)
@@ -105,7 +109,9 @@ def test_upload_trains_registers_deploys_and_serves_over_https(cloud, outputs_fi
     rows = three_class_rows()
     s3, sfn, sagemaker = (aws(outputs, s) for s in ("s3", "stepfunctions", "sagemaker"))
 
-    s3.put_object(Bucket=outputs["RawBucketName"], Key="datasets/Sea Creatures/catch 2026.csv", Body=to_csv(rows))
+    s3.put_object(
+        Bucket=outputs["RawBucketName"], Key="datasets/Sea Creatures/catch 2026.csv", Body=to_csv(rows)
+    )
     execution = wait_for_execution(sfn, outputs["StateMachineArn"], "sea-creatures-")
     assert execution["status"] == "SUCCEEDED", execution.get("cause")
     summary = json.loads(execution["output"])
@@ -118,12 +124,16 @@ def test_upload_trains_registers_deploys_and_serves_over_https(cloud, outputs_fi
     for part in ("manifest.json", "train/part-00000.csv", "validation/part-00000.csv", "test/part-00000.csv"):
         assert f"sea-creatures/{version}/{part}" in processed
     manifest = json.loads(
-        s3.get_object(Bucket=outputs["ProcessedBucketName"], Key=f"sea-creatures/{version}/manifest.json")["Body"].read()
+        s3.get_object(Bucket=outputs["ProcessedBucketName"], Key=f"sea-creatures/{version}/manifest.json")[
+            "Body"
+        ].read()
     )
     assert manifest["target"] == "Kind" and manifest["labels"] == [1, 2, 3]
     artifacts = {o["Key"] for o in s3.list_objects_v2(Bucket=outputs["ArtifactsBucketName"])["Contents"]}
     assert any(k.endswith(f"sea-creatures-{version}/output/model.tar.gz") for k in artifacts)
-    packages = sagemaker.list_model_packages(ModelPackageGroupName="conveyor-sea-creatures")["ModelPackageSummaryList"]
+    packages = sagemaker.list_model_packages(ModelPackageGroupName="conveyor-sea-creatures")[
+        "ModelPackageSummaryList"
+    ]
     assert len(packages) == 1 and packages[0]["ModelApprovalStatus"] == "Approved"
     package = sagemaker.describe_model_package(ModelPackageName=packages[0]["ModelPackageArn"])
     metrics_uri = package["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]
@@ -163,7 +173,9 @@ def test_unsigned_or_wrongly_signed_requests_never_reach_the_model(cloud):
     url = outputs["ApiUrl"] + "/models/sea-creatures/predict"
     unsigned = requests.post(url, json={"instances": [{}]}, verify=outputs["CaBundle"], timeout=10)
     assert unsigned.status_code in (401, 403)
-    wrong = signed_post(outputs, "/models/sea-creatures/predict", {"instances": [{}]}, secret="not-the-secret")
+    wrong = signed_post(
+        outputs, "/models/sea-creatures/predict", {"instances": [{}]}, secret="not-the-secret"
+    )
     assert wrong.status_code == 403
 
 
@@ -184,7 +196,12 @@ def test_a_replayed_event_starts_no_second_training(cloud):
                 "eventName": "ObjectCreated:Put",
                 "s3": {
                     "bucket": {"name": outputs["RawBucketName"]},
-                    "object": {"key": key, "size": 1, "eTag": put["ETag"].strip('"'), "versionId": put["VersionId"]},
+                    "object": {
+                        "key": key,
+                        "size": 1,
+                        "eTag": put["ETag"].strip('"'),
+                        "versionId": put["VersionId"],
+                    },
                 },
             }
         ]
@@ -194,11 +211,17 @@ def test_a_replayed_event_starts_no_second_training(cloud):
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         attributes = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["All"])["Attributes"]
-        if attributes["ApproximateNumberOfMessages"] == "0" and attributes["ApproximateNumberOfMessagesNotVisible"] == "0":
+        if (
+            attributes["ApproximateNumberOfMessages"] == "0"
+            and attributes["ApproximateNumberOfMessagesNotVisible"] == "0"
+        ):
             break
         time.sleep(0.5)
-    executions = [e for e in sfn.list_executions(stateMachineArn=outputs["StateMachineArn"])["executions"]
-                  if e["name"].startswith("replay-")]
+    executions = [
+        e
+        for e in sfn.list_executions(stateMachineArn=outputs["StateMachineArn"])["executions"]
+        if e["name"].startswith("replay-")
+    ]
     assert len(executions) == 1
 
 
@@ -217,7 +240,10 @@ def test_an_unusable_file_is_quarantined_and_left_untouched(cloud):
         time.sleep(0.5)
     assert report is not None
     assert "single class" in report["reason"]
-    assert s3.get_object(Bucket=outputs["RawBucketName"], Key="datasets/one-class/data.csv")["Body"].read() == body
+    assert (
+        s3.get_object(Bucket=outputs["RawBucketName"], Key="datasets/one-class/data.csv")["Body"].read()
+        == body
+    )
     executions = sfn.list_executions(stateMachineArn=outputs["StateMachineArn"])["executions"]
     assert not [e for e in executions if e["name"].startswith("one-class-")]
 
@@ -230,8 +256,14 @@ def test_the_cli_client_follows_an_upload(cloud, outputs_file, tmp_path):
     for _ in range(400):
         size = rng.uniform(20, 200)
         rooms = rng.randint(1, 6)
-        rows.append({"size_m2": round(size, 1), "rooms": rooms, "city": rng.choice(["north", "south"]),
-                     "price": round(1500 * size + 9000 * rooms + rng.gauss(0, 8000), 0)})
+        rows.append(
+            {
+                "size_m2": round(size, 1),
+                "rooms": rooms,
+                "city": rng.choice(["north", "south"]),
+                "price": round(1500 * size + 9000 * rooms + rng.gauss(0, 8000), 0),
+            }
+        )
     path.write_bytes(to_csv(rows))
     upload = client.upload(target, path, "prices")
     lines: list[str] = []
@@ -239,7 +271,9 @@ def test_the_cli_client_follows_an_upload(cloud, outputs_file, tmp_path):
     assert result["status"] == "SUCCEEDED", result
     assert result["outcome"] == "deployed" and result["metric"] == "r2"
     assert any("StartTrainingJob" in line for line in lines)
-    answer = client.predict(target, "prices", [{k: v for k, v in r.items() if k != "price"} for r in rows[:50]])
+    answer = client.predict(
+        target, "prices", [{k: v for k, v in r.items() if k != "price"} for r in rows[:50]]
+    )
     errors = [abs(p["value"] - r["price"]) for p, r in zip(answer["predictions"], rows[:50], strict=True)]
     spread = max(r["price"] for r in rows) - min(r["price"] for r in rows)
     assert sum(errors) / len(errors) < 0.1 * spread

@@ -1,0 +1,185 @@
+"""The proxy's answers and the gate's inputs, with AWS stubbed at the client (botocore Stubber)."""
+
+import copy
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.response import StreamingBody
+from botocore.stub import Stubber
+from common import aws
+from evaluate.core import EvaluationError, evaluation_from_tarball, gate
+from inference_proxy import app as proxy
+
+EVENT = json.loads((Path(__file__).parents[1] / "events" / "http_api_v2_example.json").read_text())
+
+
+class Context:
+    function_name = "proxy"
+    memory_limit_in_mb = 256
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:proxy"
+    aws_request_id = "req"
+
+
+def request(path: str, body, method="POST"):
+    event = copy.deepcopy(EVENT)
+    raw = body if isinstance(body, str) else json.dumps(body)
+    name = path.split("/")[2] if path.count("/") >= 2 else None
+    event.update(
+        rawPath=path,
+        routeKey=f"{method} /models/{{name}}/predict"
+        if path.endswith("/predict")
+        else f"{method} /models/{{name}}",
+        body=raw,
+        isBase64Encoded=False,
+        pathParameters={"name": name} if name else None,
+    )
+    event["requestContext"]["http"].update(method=method, path=path)
+    response = proxy.handler(event, Context())
+    return response["statusCode"], json.loads(response["body"])
+
+
+@pytest.fixture
+def runtime(monkeypatch):
+    monkeypatch.setenv("STACK_NAME", "conveyor")
+    monkeypatch.setenv("MAX_REQUEST_BYTES", "2000")
+    monkeypatch.setenv("POWERTOOLS_TRACE_DISABLED", "true")
+    clients = {
+        s: boto3.client(s, region_name="us-east-1", aws_access_key_id="a", aws_secret_access_key="b")
+        for s in ("sagemaker-runtime", "sagemaker")
+    }
+    stubbers = {s: Stubber(c) for s, c in clients.items()}
+    for service, client in clients.items():
+        aws.set_client(service, client)
+        stubbers[service].activate()
+    yield stubbers
+    aws.reset_clients()
+
+
+def body_of(document) -> StreamingBody:
+    raw = json.dumps(document).encode()
+    return StreamingBody(io.BytesIO(raw), len(raw))
+
+
+def test_predict_forwards_instances_and_names_the_serving_version(runtime):
+    runtime["sagemaker-runtime"].add_response(
+        "invoke_endpoint",
+        {
+            "Body": body_of({"predictions": [{"value": 3.5}]}),
+            "InvokedProductionVariant": "20261122T175500Z-1a2b3c",
+            "ContentType": "application/json",
+        },
+        {
+            "EndpointName": "conveyor-churn",
+            "ContentType": "application/json",
+            "Accept": "application/json",
+            "Body": json.dumps({"instances": [{"a": 1}]}).encode(),
+        },
+    )
+    status, body = request("/models/churn/predict", {"instances": [{"a": 1}]})
+    assert status == 200
+    assert body == {"predictions": [{"value": 3.5}], "model_version": "20261122T175500Z-1a2b3c"}
+
+
+@pytest.mark.parametrize(
+    ("payload", "status", "code"),
+    [
+        ("not json", 400, "InvalidJson"),
+        ({"instances": []}, 400, "InvalidRequest"),
+        ({"instances": [1, 2]}, 400, "InvalidRequest"),
+        ({"instances": [{"x": "y" * 3000}]}, 413, "PayloadTooLarge"),
+    ],
+)
+def test_bad_requests_never_reach_the_endpoint(runtime, payload, status, code):
+    answer = request("/models/churn/predict", payload)
+    assert answer[0] == status
+    assert answer[1]["error"]["code"] == code
+
+
+def test_model_input_errors_become_400_with_the_models_message(runtime):
+    runtime["sagemaker-runtime"].add_client_error(
+        "invoke_endpoint",
+        service_error_code="ModelError",
+        service_message="Received client error (400)",
+        http_status_code=424,
+        response_meta={},
+        modeled_fields={
+            "OriginalStatusCode": 400,
+            "OriginalMessage": json.dumps({"error": {"message": "instance 0: missing feature column 'age'"}}),
+        },
+    )
+    status, body = request("/models/churn/predict", {"instances": [{"a": 1}]})
+    assert (status, body["error"]["message"]) == (400, "instance 0: missing feature column 'age'")
+
+
+def test_unknown_model_is_404_and_an_endpoint_being_created_is_503(runtime):
+    for _ in range(2):
+        runtime["sagemaker-runtime"].add_client_error(
+            "invoke_endpoint",
+            service_error_code="ValidationError",
+            service_message="Endpoint not found",
+            http_status_code=400,
+        )
+    runtime["sagemaker"].add_client_error(
+        "describe_endpoint",
+        service_error_code="ValidationException",
+        service_message="Could not find endpoint",
+        http_status_code=400,
+    )
+    assert request("/models/churn/predict", {"instances": [{"a": 1}]})[0] == 404
+    runtime["sagemaker"].add_response(
+        "describe_endpoint",
+        {
+            "EndpointName": "conveyor-churn",
+            "EndpointArn": "arn:aws:sagemaker:us-east-1:123456789012:endpoint/x",
+            "EndpointConfigName": "c",
+            "EndpointStatus": "Creating",
+            "CreationTime": "2026-11-22T00:00:00Z",
+            "LastModifiedTime": "2026-11-22T00:00:00Z",
+        },
+    )
+    status, body = request("/models/churn/predict", {"instances": [{"a": 1}]})
+    assert (status, body["error"]["code"]) == (503, "ModelNotReady")
+
+
+def evaluation(task="classification", value=0.9, baseline=0.6):
+    return {
+        "binary_classification_metrics": {"accuracy": {"value": value}, "f1": {"value": 0.7}},
+        "conveyor": {"task": task, "metric": "accuracy", "value": value, "baseline": baseline},
+    }
+
+
+def test_gate_defaults_to_beating_the_baseline_and_honours_the_spec():
+    assert gate(evaluation(), None, None) == {
+        "metric": "accuracy",
+        "value": 0.9,
+        "threshold": 0.6,
+        "baseline": 0.6,
+    }
+    assert gate(evaluation(), "f1", 0.8)["value"] == 0.7
+    with pytest.raises(EvaluationError, match="no baseline"):
+        gate(evaluation(), "f1", None)
+    with pytest.raises(EvaluationError, match="no metric"):
+        gate(evaluation(), "auc", 0.5)
+
+
+def test_evaluation_is_read_from_the_jobs_output_tarball():
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        data = json.dumps(evaluation()).encode()
+        info = tarfile.TarInfo("evaluation.json")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    assert evaluation_from_tarball(buffer.getvalue())["conveyor"]["value"] == 0.9
+    with pytest.raises(EvaluationError, match="no evaluation.json"):
+        evaluation_from_tarball(_empty_tarball())
+
+
+def _empty_tarball() -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz"):
+        pass
+    return buffer.getvalue()
