@@ -174,7 +174,7 @@ def test_evaluation_is_read_from_the_jobs_output_tarball():
         info.size = len(data)
         tar.addfile(info, io.BytesIO(data))
     assert evaluation_from_tarball(buffer.getvalue())["conveyor"]["value"] == 0.9
-    with pytest.raises(EvaluationError, match="no evaluation.json"):
+    with pytest.raises(EvaluationError, match=r"no evaluation\.json"):
         evaluation_from_tarball(_empty_tarball())
 
 
