@@ -109,9 +109,10 @@ def test_upload_trains_registers_deploys_and_serves_over_https(cloud, outputs_fi
     rows = three_class_rows()
     s3, sfn, sagemaker = (aws(outputs, s) for s in ("s3", "stepfunctions", "sagemaker"))
 
-    s3.put_object(
-        Bucket=outputs["RawBucketName"], Key="datasets/Sea Creatures/catch 2026.csv", Body=to_csv(rows)
-    )
+    # The target is neither named target/label nor last: the dataset spec says which column it is.
+    raw = outputs["RawBucketName"]
+    s3.put_object(Bucket=raw, Key="datasets/Sea Creatures/conveyor.json", Body=b'{"target": "Kind"}')
+    s3.put_object(Bucket=raw, Key="datasets/Sea Creatures/catch 2026.csv", Body=to_csv(rows))
     execution = wait_for_execution(sfn, outputs["StateMachineArn"], "sea-creatures-")
     assert execution["status"] == "SUCCEEDED", execution.get("cause")
     summary = json.loads(execution["output"])

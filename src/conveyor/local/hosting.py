@@ -10,9 +10,7 @@ the server that currently owns the endpoint.
 
 from __future__ import annotations
 
-import base64
 import http.client
-import json
 import logging
 import shutil
 import socket
@@ -25,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from moto.core.exceptions import ServiceException
 from moto.core.responses import ActionResult
@@ -32,7 +31,7 @@ from moto.core.utils import utcnow
 from moto.sagemaker import models as sagemaker_models
 from moto.sagemaker import responses as sagemaker_responses
 from moto.sagemaker.exceptions import ValidationError
-from moto.sagemakerruntime import models as runtime_models
+from moto.sagemakerruntime import responses as runtime_responses
 
 from conveyor.local.training import split_s3
 
@@ -84,11 +83,11 @@ class HostingAdapter:
     # ------------------------------------------------------------------ hooks
     def install(self) -> None:
         backend = sagemaker_models.SageMakerModelBackend
-        runtime = runtime_models.SageMakerRuntimeBackend
+        runtime_response = runtime_responses.SageMakerRuntimeResponse
         for owner, name in (
             (backend, "create_endpoint"),
             (backend, "describe_endpoint_config"),
-            (runtime, "invoke_endpoint"),
+            (runtime_response, "invoke_endpoint"),
         ):
             if not hasattr(owner, name):
                 raise RuntimeError(f"moto changed: {owner.__name__}.{name} is gone; see docs/local-mode.md")
@@ -115,9 +114,7 @@ class HostingAdapter:
                 raise ValidationError(message=f'Could not find endpoint "{endpoint_name}".')
             if endpoint.endpoint_status != "InService":
                 raise ValidationError(
-                    message=f'Cannot update in-progress endpoint "{endpoint.endpoint_arn}".'
-                    if hasattr(endpoint, "endpoint_arn")
-                    else f"Cannot update endpoint in status {endpoint.endpoint_status}."
+                    message=f"Cannot update endpoint {endpoint_name} while it is {endpoint.endpoint_status}."
                 )
             backend_self.describe_endpoint_config(endpoint_config_name)  # raises if it does not exist
             endpoint.endpoint_status = "Updating"
@@ -131,18 +128,21 @@ class HostingAdapter:
             )
             return ActionResult({"EndpointArn": endpoint.arn})
 
-        def invoke_endpoint(
-            runtime_self: Any, endpoint_name: str, unique_repr: bytes
-        ) -> tuple[str, str, str, str]:
-            request = json.loads(base64.b64decode(unique_repr))
-            return adapter.invoke(
-                endpoint_name, request.get("Body") or "", request.get("Accept") or "application/json"
-            )
+        def invoke_endpoint_response(response_self: Any) -> tuple[int, dict[str, str], str]:
+            # InvokeEndpoint is rest-json: the endpoint name is in the path (/endpoints/<name>/invocations),
+            # where moto 5.2.5's handler does not look (it hands its backend None), so this handler is
+            # replaced rather than the backend method behind it.
+            name = unquote(response_self.path.split("/")[2])
+            body = response_self.body
+            text = body.decode() if isinstance(body, bytes) else (body or "")
+            accept = response_self.headers.get("Accept") or "application/json"
+            answer, content_type, variant = adapter.invoke(name, text, accept)
+            return 200, {"Content-Type": content_type, "x-Amzn-Invoked-Production-Variant": variant}, answer
 
         backend.create_endpoint = create_endpoint  # type: ignore[method-assign]
         backend.update_endpoint = update_endpoint  # type: ignore[attr-defined]
         responses.update_endpoint = update_endpoint_response  # type: ignore[attr-defined]
-        runtime.invoke_endpoint = invoke_endpoint  # type: ignore[method-assign]
+        runtime_response.invoke_endpoint = invoke_endpoint_response  # type: ignore[method-assign]
 
     def uninstall(self) -> None:
         for (owner, name), value in self._saved.items():
@@ -248,7 +248,7 @@ class HostingAdapter:
             except subprocess.TimeoutExpired:
                 server.process.kill()
 
-    def invoke(self, endpoint_name: str, body: str, accept: str) -> tuple[str, str, str, str]:
+    def invoke(self, endpoint_name: str, body: str, accept: str) -> tuple[str, str, str]:
         with self._lock:
             server = self._serving.get(endpoint_name)
         if server is None:
@@ -269,7 +269,7 @@ class HostingAdapter:
             connection.close()
         if response.status != 200:
             raise ModelError(response.status, answer, f"/aws/sagemaker/Endpoints/{endpoint_name}")
-        return answer, response.getheader("Content-Type") or "application/json", server.variant, ""
+        return answer, response.getheader("Content-Type") or "application/json", server.variant
 
     def stop_all(self) -> None:
         with self._lock:
