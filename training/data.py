@@ -108,7 +108,7 @@ class Encoder:
         return len(self.labels) if self.task == "classification" else 1
 
     def encode(self, rows: list[dict[str, Any]], strict: bool = False) -> np.ndarray:
-        """Feature matrix (rows × width). With `strict`, a missing column or a non-number is a ValueError
+        """Feature matrix (rows by width). With `strict`, a missing column or a non-number is a ValueError
         naming the row and column (serving); otherwise bad values count as missing (training data has
         already been validated by preprocessing)."""
         matrix = np.zeros((len(rows), self.width), dtype=np.float32)

@@ -10,9 +10,9 @@ from urllib.parse import urlparse
 from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
+
 from common import aws
 from common.config import Settings
-
 from evaluate.core import evaluation_from_tarball, gate
 
 logger = Logger()

@@ -21,6 +21,7 @@ from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, pro
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
+
 from common import aws
 from common.config import Settings
 from common.errors import DatasetRejected
@@ -33,7 +34,6 @@ from common.naming import (
     object_identity,
     slugify,
 )
-
 from preprocess.core import DatasetSpec, preprocess
 
 logger = Logger()

@@ -4,6 +4,7 @@ import json
 from datetime import UTC, datetime
 
 import pytest
+
 from common.events import objects_in_message
 from common.naming import (
     ResourceNames,

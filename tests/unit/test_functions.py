@@ -10,6 +10,7 @@ import boto3
 import pytest
 from botocore.response import StreamingBody
 from botocore.stub import Stubber
+
 from common import aws
 from evaluate.core import EvaluationError, evaluation_from_tarball, gate
 from inference_proxy import app as proxy

@@ -6,6 +6,7 @@ import io
 import random
 
 import pytest
+
 from common.errors import DatasetRejected
 from preprocess.core import DatasetSpec, preprocess, split_of
 
