@@ -136,14 +136,16 @@ def follow(
             raise ConveyorError("no pipeline started; check the PreprocessFunction's logs and the ingest DLQ")
         time.sleep(0.5)
     seen = 0
+    reported: set[str] = set()  # a polling loop enters the same states many times: say each once
     while True:
         description = sfn.describe_execution(executionArn=upload_.execution_arn)
         events = sfn.get_execution_history(executionArn=upload_.execution_arn, maxResults=1000)["events"]
         for event in events[seen:]:
             if event["type"].endswith("StateEntered"):
-                on_progress(
-                    f"{time.monotonic() - started:6.1f}s  {event['stateEnteredEventDetails']['name']}"
-                )
+                state = event["stateEnteredEventDetails"]["name"]
+                if state not in reported:
+                    reported.add(state)
+                    on_progress(f"{time.monotonic() - started:6.1f}s  {state}")
         seen = len(events)
         if description["status"] != "RUNNING":
             output = json.loads(description.get("output") or "{}")
