@@ -32,9 +32,17 @@ $(SAM_STAMP):
 	$(SAM_VENV)/bin/pip install --quiet "$(SAM_CLI)"
 	@touch $(SAM_STAMP)
 
-# The template must pass SAM's validator with its cfn-lint rules (offline).
+# Python 3.12 (the functions' runtime) for sam build: the newest 3.12 pyenv has, else the one on PATH.
+# (pyenv's shim for python3.12 is on PATH but fails unless 3.12 is the active version: look past it.)
+PY312_BIN := $(shell dirname "$$(ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1 | grep . || command -v python3.12)")
+
+# The template passes SAM's validator with its cfn-lint rules, and the built Lambda packages carry no
+# torch or sagemaker (offline, no Docker).
 lint-infra: $(SAM_STAMP)
 	SAM_CLI_TELEMETRY=0 $(SAM_VENV)/bin/sam validate --lint --template template.yaml
+	@test -x "$(PY312_BIN)/python3.12" || { echo "sam build needs python3.12 (the functions' runtime) on PATH" >&2; exit 1; }
+	PATH="$(PY312_BIN):$$PATH" SAM_CLI_TELEMETRY=0 $(SAM_VENV)/bin/sam build --template template.yaml --build-dir .aws-sam/build
+	$(PYTHON) scripts/check_lambda_packages.py .aws-sam/build
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
