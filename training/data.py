@@ -1,8 +1,8 @@
-"""Processed splits and the encoder that turns rows into tensors, from the dataset's manifest.
+"""The processed splits, and the encoder that turns their rows into tensors (docs/contracts.md, 2 and 3).
 
-The encoder is saved with the model (`model_config.json`), so serving applies exactly the preprocessing of
-training without the manifest. Standard library and numpy only: this file also runs in the AWS PyTorch
-serving image.
+The encoder is built from the dataset's manifest and saved in `model_config.json`, so serving applies the
+preprocessing of training without the manifest. Standard library and numpy only: this file also runs in
+the AWS PyTorch serving image, next to `inference.py`.
 """
 
 from __future__ import annotations
@@ -10,153 +10,479 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-MISSING = frozenset({"", "na", "n/a", "nan", "null", "none"})
+# The contract's missing markers, compared after trimming spaces and lower-casing.
+MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none"})
+TASKS = ("classification", "regression")
+SPLITS = ("train", "validation", "test")
+_INTEGER = re.compile(r"^[+-]?\d+$")
+
+
+class DataError(ValueError):
+    """The channels do not hold what the contract promises; the message says what and where."""
 
 
 def is_missing(value: Any) -> bool:
+    """Whether a cell or request value counts as missing.
+
+    Parameters
+    ----------
+    value
+        A CSV string, or a JSON value from a request (``None``, a number, a string).
+
+    Returns
+    -------
+    bool
+        True for ``None``, NaN, and the strings empty, NA, N/A, NaN, null and None (any case, trimmed).
+    """
     if value is None:
         return True
-    if isinstance(value, float) and math.isnan(value):
-        return True
-    return isinstance(value, str) and value.strip().lower() in MISSING
+    if isinstance(value, float):
+        return math.isnan(value)
+    return isinstance(value, str) and value.strip().lower() in MISSING_TOKENS
 
 
 def read_manifest(channel: str | Path) -> dict[str, Any]:
-    """The manifest from its channel directory (or the file itself)."""
+    """Read and check the manifest from the ``manifest`` channel.
+
+    Parameters
+    ----------
+    channel
+        The channel directory (holding ``manifest.json``) or the file itself.
+
+    Returns
+    -------
+    dict
+        The manifest, checked for what training needs: task, target, labels and feature statistics.
+
+    Raises
+    ------
+    DataError
+        When there is no manifest, it is not JSON, or it lacks what training needs.
+    """
     path = Path(channel)
     if path.is_dir():
-        candidates = sorted(path.rglob("manifest.json"))
-        if not candidates:
-            raise FileNotFoundError(f"no manifest.json in {path}")
-        path = candidates[0]
-    manifest: dict[str, Any] = json.loads(path.read_text())
-    return manifest
+        found = (
+            [path / "manifest.json"] if (path / "manifest.json").is_file() else sorted(path.rglob("*.json"))
+        )
+        if len(found) != 1:
+            raise DataError(
+                f"manifest channel {path}: expected one manifest.json, found {len(found)} JSON files"
+            )
+        path = found[0]
+    elif not path.is_file():
+        raise DataError(f"manifest channel {path} does not exist")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DataError(f"{path} is not valid JSON: {exc}") from None
+    _check_manifest(manifest, path)
+    return manifest  # type: ignore[no-any-return]
 
 
-def read_split(channel: str | Path) -> list[dict[str, str]]:
-    """Every row of every CSV file in a channel directory, as dicts of strings."""
-    files = sorted(Path(channel).rglob("*.csv"))
+def _check_manifest(manifest: Any, path: Path) -> None:
+    if not isinstance(manifest, dict):
+        raise DataError(f"{path}: the manifest is not a JSON object")
+    for key in ("task", "target", "columns"):
+        if key not in manifest:
+            raise DataError(f"{path}: the manifest has no {key!r}")
+    if manifest["task"] not in TASKS:
+        raise DataError(f"{path}: task {manifest['task']!r} is not one of {', '.join(TASKS)}")
+    if manifest["task"] == "classification":
+        labels = manifest.get("labels")
+        if not isinstance(labels, list) or len(labels) < 2:
+            raise DataError(f"{path}: a classification manifest needs at least two labels, got {labels!r}")
+    features = [c for c in manifest["columns"] if c.get("role") == "feature"]
+    if not features:
+        raise DataError(f"{path}: the manifest has no feature columns")
+    for column in features:
+        stats = column.get("stats") or {}
+        needed = ("mean", "std") if column.get("type") == "numeric" else ("categories",)
+        if column.get("type") not in ("numeric", "categorical") or any(k not in stats for k in needed):
+            raise DataError(
+                f"{path}: feature {column.get('name')!r} needs type numeric (stats mean, std) "
+                "or categorical (stats categories)"
+            )
+
+
+@dataclass
+class Split:
+    """One split's columns as lists of the original strings, read from every ``*.csv`` of its channel."""
+
+    name: str
+    columns: dict[str, list[str]] = field(default_factory=dict)
+    rows: int = 0
+
+    def drop_missing(self, column: str) -> int:
+        """Drop the rows whose `column` is missing; return how many were dropped."""
+        keep = [not is_missing(v) for v in self.columns[column]]
+        dropped = keep.count(False)
+        if dropped:
+            self.columns = {
+                name: [v for v, k in zip(values, keep, strict=True) if k]
+                for name, values in self.columns.items()
+            }
+            self.rows -= dropped
+        return dropped
+
+
+def read_split(channel: str | Path, name: str, columns: Sequence[str], delimiter: str = ",") -> Split:
+    """Read the `columns` of every CSV file in a channel directory.
+
+    Parameters
+    ----------
+    channel
+        The channel directory; its ``*.csv`` files (any depth, in name order) have a header row.
+    name
+        The split's name, for messages.
+    columns
+        The columns to keep (features and target); every file must have them all.
+    delimiter
+        The source file's delimiter from the manifest, tried when a header does not parse with commas.
+
+    Returns
+    -------
+    Split
+        The values as strings, exactly as in the files.
+
+    Raises
+    ------
+    DataError
+        When the channel is missing or empty, or a file lacks one of `columns`.
+    """
+    directory = Path(channel)
+    if not directory.is_dir():
+        raise DataError(f"{name} channel {directory} does not exist")
+    files = sorted(p for p in directory.rglob("*.csv") if p.is_file())
     if not files:
-        raise FileNotFoundError(f"no .csv files in {channel}")
-    rows: list[dict[str, str]] = []
-    for file in files:
-        with file.open(newline="", encoding="utf-8") as handle:
-            rows.extend(csv.DictReader(handle))
-    return rows
+        raise DataError(f"{name} channel {directory} holds no .csv files")
+    split = Split(name, {column: [] for column in columns})
+    for path in files:
+        with path.open(newline="", encoding="utf-8-sig") as handle:
+            layout = _header_layout(handle, path, name, columns, delimiter)
+            if layout is None:
+                continue
+            positions, file_delimiter = layout
+            for record in csv.reader(handle, delimiter=file_delimiter):
+                if not record or (len(record) == 1 and not record[0].strip()):
+                    continue
+                for column, index in positions.items():
+                    # A short row leaves its last cells missing rather than shifting columns.
+                    split.columns[column].append(record[index] if index < len(record) else "")
+                split.rows += 1
+    if split.rows == 0:
+        raise DataError(f"{name} split is empty: no data rows in {', '.join(str(p) for p in files)}")
+    return split
+
+
+def _header_layout(
+    handle: Any, path: Path, name: str, columns: Sequence[str], delimiter: str
+) -> tuple[dict[str, int], str] | None:
+    # Each column's position and the file's delimiter; None for an empty file.
+    line = handle.readline()
+    if not line.strip():
+        return None
+    # Preprocessing writes splits with commas; the source's delimiter is the fallback for hand-made splits.
+    for candidate in dict.fromkeys([",", delimiter or ","]):
+        header = [h.strip() for h in next(csv.reader([line], delimiter=candidate))]
+        absent = [c for c in columns if c not in header]
+        if not absent:
+            return {c: header.index(c) for c in columns}, candidate
+    raise DataError(f"{name} split: {path.name} has no column {absent[0]!r} (header: {header})")
 
 
 class Encoder:
-    """Rows → standardised numeric features + one-hot categories; targets → class index or scaled value."""
+    """Rows to model inputs and targets: standardised numbers, one-hot categories, class indices.
 
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.config = config
-        self.task: str = config["task"]
-        self.target: str = config["target"]
-        self.features: list[dict[str, Any]] = config["features"]
-        self.labels: list[Any] = config.get("labels", [])
-        self._label_index = {str(label): i for i, label in enumerate(self.labels)}
-        self._category_index = [
-            {c: i for i, c in enumerate(f["categories"])} if f["type"] == "categorical" else {}
+    A numeric feature becomes ``(x - mean) / std`` with the train statistics of the manifest, and 0 (the
+    mean) when missing. A categorical feature becomes a one-hot over its manifest categories plus one slot
+    for anything else, missing included. The target becomes a class index, or for regression a value
+    standardised with the train mean and standard deviation.
+    """
+
+    def __init__(
+        self,
+        *,
+        task: str,
+        target: str,
+        features: Sequence[Mapping[str, Any]],
+        labels: Sequence[Any] = (),
+        target_mean: float = 0.0,
+        target_std: float = 1.0,
+    ) -> None:
+        if task not in TASKS:
+            raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+        self.task = task
+        self.target = target
+        self.features = [dict(f) for f in features]
+        self.labels = list(labels)
+        self.target_mean = float(target_mean)
+        self.target_std = float(target_std)
+        self._categories = [
+            {str(c): i for i, c in enumerate(f["categories"])} if f["type"] == "categorical" else {}
             for f in self.features
         ]
-        self.width = sum(1 if f["type"] == "numeric" else len(f["categories"]) + 1 for f in self.features)
+        if self.labels and all(
+            isinstance(label, int) and not isinstance(label, bool) for label in self.labels
+        ):
+            self._label_index: dict[Any, int] = {label: i for i, label in enumerate(self.labels)}
+            self._integer_labels = True
+        else:
+            self._label_index = {str(label): i for i, label in enumerate(self.labels)}
+            self._integer_labels = False
 
     @classmethod
-    def from_manifest(cls, manifest: dict[str, Any]) -> Encoder:
-        features = []
-        target_stats: dict[str, Any] = {}
+    def from_manifest(cls, manifest: Mapping[str, Any], train_target: Sequence[str] = ()) -> Encoder:
+        """Build the encoder from a manifest (contract section 2).
+
+        Parameters
+        ----------
+        manifest
+            The checked manifest (see `read_manifest`).
+        train_target
+            For regression, the train split's target strings: their mean and standard deviation scale
+            the target. Without them the manifest's target statistics are used.
+
+        Returns
+        -------
+        Encoder
+        """
+        features: list[dict[str, Any]] = []
+        target_stats: Mapping[str, Any] = {}
         for column in manifest["columns"]:
-            if column["role"] == "target":
-                target_stats = column.get("stats", {})
-            if column["role"] != "feature":
+            if column.get("role") == "target":
+                target_stats = column.get("stats") or {}
+            if column.get("role") != "feature":
                 continue
             stats = column["stats"]
             if column["type"] == "numeric":
-                std = stats.get("std") or 1.0
                 features.append(
                     {
                         "name": column["name"],
                         "type": "numeric",
-                        "mean": stats.get("mean") or 0.0,
-                        "std": std if std > 1e-12 else 1.0,
+                        "mean": float(stats["mean"] or 0.0),
+                        "std": _usable_std(stats["std"]),
                     }
                 )
             else:
                 features.append(
-                    {"name": column["name"], "type": "categorical", "categories": list(stats["categories"])}
+                    {
+                        "name": column["name"],
+                        "type": "categorical",
+                        "categories": [str(c) for c in stats["categories"]],
+                    }
                 )
-        config: dict[str, Any] = {
-            "task": manifest["task"],
-            "target": manifest["target"],
-            "features": features,
-        }
         if manifest["task"] == "classification":
-            config["labels"] = manifest["labels"]
+            return cls(
+                task="classification", target=manifest["target"], features=features, labels=manifest["labels"]
+            )
+        std: Any
+        if train_target:
+            values = np.array([_target_number(v) for v in train_target], dtype=np.float64)
+            mean, std = float(values.mean()), float(values.std())
         else:
-            std = target_stats.get("std") or 1.0
-            config["target_mean"] = target_stats.get("mean") or 0.0
-            config["target_std"] = std if std > 1e-12 else 1.0
-        return cls(config)
+            mean, std = float(target_stats.get("mean") or 0.0), target_stats.get("std")
+        return cls(
+            task="regression",
+            target=manifest["target"],
+            features=features,
+            target_mean=mean,
+            target_std=_usable_std(std),
+        )
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> Encoder:
+        """Rebuild the encoder from what `to_config` wrote (the keys of ``model_config.json``)."""
+        scale = config.get("target_scale") or {}
+        return cls(
+            task=config["task"],
+            target=config["target"],
+            features=config["features"],
+            labels=config.get("labels", ()),
+            target_mean=scale.get("mean", 0.0),
+            target_std=scale.get("std", 1.0),
+        )
+
+    def to_config(self) -> dict[str, Any]:
+        """The encoder as JSON-ready values: task, target, labels or target_scale, features."""
+        config: dict[str, Any] = {"task": self.task, "target": self.target}
+        if self.task == "classification":
+            config["labels"] = self.labels
+        else:
+            config["target_scale"] = {"mean": self.target_mean, "std": self.target_std}
+        config["features"] = self.features
+        return config
+
+    @property
+    def feature_names(self) -> list[str]:
+        """The feature columns, in encoding order."""
+        return [f["name"] for f in self.features]
+
+    @property
+    def width(self) -> int:
+        """How many model inputs the features encode to."""
+        return sum(1 if f["type"] == "numeric" else len(f["categories"]) + 1 for f in self.features)
 
     @property
     def output_width(self) -> int:
+        """How many model outputs the task needs: one logit per label, or one value."""
         return len(self.labels) if self.task == "classification" else 1
 
-    def encode(self, rows: list[dict[str, Any]], strict: bool = False) -> np.ndarray:
-        """Feature matrix (rows by width). With `strict`, a missing column or a non-number is a ValueError
-        naming the row and column (serving); otherwise bad values count as missing (training data has
-        already been validated by preprocessing)."""
-        matrix = np.zeros((len(rows), self.width), dtype=np.float32)
-        for r, row in enumerate(rows):
-            offset = 0
-            for feature, categories in zip(self.features, self._category_index, strict=True):
-                name = feature["name"]
-                if strict and name not in row:
-                    raise ValueError(f"instance {r}: missing feature column {name!r}")
-                value = row.get(name)
-                if feature["type"] == "numeric":
-                    if not is_missing(value):
-                        number = _number(value)
-                        if number is None:
-                            if strict:
-                                raise ValueError(
-                                    f"instance {r}: column {name!r} must be a number, got {value!r}"
-                                )
-                        else:
-                            matrix[r, offset] = (number - feature["mean"]) / feature["std"]
-                    offset += 1
-                else:
-                    key = "" if is_missing(value) else str(value).strip()
-                    matrix[r, offset + categories.get(key, len(categories))] = 1.0
-                    offset += len(categories) + 1
+    def encode(self, columns: Mapping[str, Sequence[Any]], rows: int) -> np.ndarray:
+        """Encode feature columns; a value that is not a number in a numeric column counts as missing.
+
+        Parameters
+        ----------
+        columns
+            Every feature column's values (strings from CSV, or validated JSON values).
+        rows
+            The number of rows.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32, ``rows`` by `width`.
+        """
+        matrix = np.zeros((rows, self.width), dtype=np.float32)
+        every_row = np.arange(rows)
+        offset = 0
+        for feature, categories in zip(self.features, self._categories, strict=True):
+            values = columns[feature["name"]]
+            if feature["type"] == "numeric":
+                numbers = np.fromiter((_number_or_nan(v) for v in values), dtype=np.float64, count=rows)
+                scaled = (numbers - feature["mean"]) / feature["std"]
+                matrix[:, offset] = np.nan_to_num(scaled, nan=0.0)
+                offset += 1
+            else:
+                other = len(categories)
+                slots = np.fromiter(
+                    (categories.get(_category_key(v), other) for v in values), dtype=np.int64, count=rows
+                )
+                matrix[every_row, offset + slots] = 1.0
+                offset += other + 1
         return matrix
 
-    def encode_target(self, rows: list[dict[str, str]]) -> np.ndarray:
-        values = [row[self.target].strip() for row in rows]
-        if self.task == "classification":
-            try:
-                return np.array([self._label_index[v] for v in values], dtype=np.int64)
-            except KeyError as exc:
-                raise ValueError(f"label {exc.args[0]!r} is not among the manifest's labels") from None
-        mean, std = self.config["target_mean"], self.config["target_std"]
-        return np.array([(float(v) - mean) / std for v in values], dtype=np.float32)
+    def encode_instances(self, instances: Sequence[Any]) -> np.ndarray:
+        """Check and encode request rows (contract section 4).
 
-    def decode_regression(self, scaled: np.ndarray) -> np.ndarray:
-        return scaled * self.config["target_std"] + self.config["target_mean"]
+        Parameters
+        ----------
+        instances
+            JSON objects with every feature column as a key; ``null`` or ``""`` is missing; other keys are
+            ignored.
+
+        Returns
+        -------
+        numpy.ndarray
+            As `encode`.
+
+        Raises
+        ------
+        ValueError
+            Naming the first bad row and column: not an object, a missing column, a numeric column whose
+            value is not a number, or a value that is neither a number nor a string.
+        """
+        columns: dict[str, list[Any]] = {name: [] for name in self.feature_names}
+        for i, instance in enumerate(instances):
+            if not isinstance(instance, Mapping):
+                raise ValueError(
+                    f"instance {i}: expected a JSON object of column values, got {_json_kind(instance)}"
+                )
+            for feature in self.features:
+                name = feature["name"]
+                if name not in instance:
+                    raise ValueError(f"instance {i}: missing feature column {name!r}")
+                value = instance[name]
+                if feature["type"] == "numeric":
+                    if not is_missing(value) and _number(value) is None:
+                        raise ValueError(f"instance {i}: column {name!r} must be a number, got {value!r}")
+                elif value is not None and not isinstance(value, str | int | float):
+                    raise ValueError(
+                        f"instance {i}: column {name!r} must be a string or a number, got {_json_kind(value)}"
+                    )
+                columns[name].append(value)
+        return self.encode(columns, len(instances))
+
+    def encode_target(self, values: Sequence[str]) -> np.ndarray:
+        """Class indices (int64) or standardised values (float32) from the target's strings.
+
+        Raises
+        ------
+        DataError
+            For a label that is not among the manifest's labels, or a regression target that is not a number.
+        """
+        if self.task == "regression":
+            numbers = np.array([_target_number(v) for v in values], dtype=np.float64)
+            return ((numbers - self.target_mean) / self.target_std).astype(np.float32)
+        indices = np.empty(len(values), dtype=np.int64)
+        for i, text in enumerate(values):
+            key: Any = text.strip()
+            if self._integer_labels and _INTEGER.match(key):
+                # The manifest holds integer labels as JSON numbers, the CSV as text ("1", "+1", "01").
+                key = int(key)
+            if key not in self._label_index:
+                raise DataError(f"target value {text!r} is not one of the manifest's labels {self.labels}")
+            indices[i] = self._label_index[key]
+        return indices
+
+    def decode_target(self, scaled: np.ndarray) -> np.ndarray:
+        """Regression outputs back in the target's units."""
+        return np.asarray(scaled, dtype=np.float64) * self.target_std + self.target_mean
+
+
+def _usable_std(std: Any) -> float:
+    # A constant column (std 0) or one with too few rows (std null) keeps its values unscaled.
+    return float(std) if isinstance(std, int | float) and math.isfinite(std) and std > 1e-12 else 1.0
 
 
 def _number(value: Any) -> float | None:
+    """A finite float from a JSON number or a numeric string; None otherwise (booleans included)."""
     if isinstance(value, bool):
-        return float(value)
+        return None
     if isinstance(value, int | float):
-        return float(value) if math.isfinite(value) else None
-    try:
-        number = float(str(value).strip())
-    except ValueError:
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range, e.g. 10**400
+            return None
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+    else:
         return None
     return number if math.isfinite(number) else None
+
+
+def _number_or_nan(value: Any) -> float:
+    number = None if is_missing(value) else _number(value)
+    return math.nan if number is None else number
+
+
+def _category_key(value: Any) -> str:
+    # "" is never a category (an empty cell is missing), so it lands in the "other or missing" slot.
+    return "" if is_missing(value) else str(value).strip()
+
+
+def _target_number(text: str) -> float:
+    number = _number(text)
+    if number is None:
+        raise DataError(f"regression target value {text!r} is not a finite number")
+    return number
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, bool):
+        return "a boolean"
+    return repr(value)

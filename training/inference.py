@@ -1,13 +1,15 @@
-"""SageMaker PyTorch serving handlers: `model_fn`, `input_fn`, `predict_fn`, `output_fn`.
+"""SageMaker PyTorch serving handlers: `model_fn`, `input_fn`, `predict_fn`, `output_fn` (contract section 4).
 
-Loaded from `<model_dir>/code/` by the serving container (and by conveyor's local model server). Requests
-are `{"instances": [{"<column>": value, ...}]}`; each row gets exactly the encoding of training, from the
-encoder saved in `model_config.json`. A bad request raises ValueError with the row and column.
+Loaded from ``<model_dir>/code/`` by the serving container and by conveyor's local model server, next to
+``model.py`` and ``data.py``. A request is ``{"instances": [{"<column>": value, ...}, ...]}``; each row gets
+exactly the encoding of training, from the encoder saved in ``model_config.json``. A bad request raises
+`InvalidInput`, a ValueError whose message names the row and column.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,76 +20,181 @@ from data import Encoder
 from model import build_model
 
 MAX_INSTANCES = 10_000
-JSON = "application/json"
+JSON_TYPE = "application/json"
+SUPPORTED_FORMAT_VERSION = 1
+PREDICT_BATCH_ROWS = 8_192
+
+try:
+    # In the serving container this sets the HTTP status; a plain exception there would answer 500.
+    from sagemaker_inference.errors import BaseInferenceToolkitError as _ServingError
+except ImportError:
+
+    class _ServingError(Exception):  # type: ignore[no-redef]
+        def __init__(self, status_code: int, message: str, phrase: str) -> None:
+            self.status_code, self.message, self.phrase = status_code, message, phrase
+            super().__init__(status_code, message, phrase)
 
 
+class InvalidInput(_ServingError, ValueError):
+    """A request the model cannot answer: HTTP 400 (415 or 406 for a content type it does not speak)."""
+
+    def __init__(self, message: str, status_code: int = 400, phrase: str = "Bad Request") -> None:
+        super().__init__(status_code, message, phrase)
+
+    def __str__(self) -> str:
+        return str(self.message)
+
+
+@dataclass
 class LoadedModel:
-    """What `model_fn` returns: the network, its encoder and the device it runs on."""
+    """What `model_fn` returns: the network in eval mode, its encoder, and the device it runs on."""
 
-    def __init__(self, network: torch.nn.Module, encoder: Encoder, device: torch.device) -> None:
-        self.network = network
-        self.encoder = encoder
-        self.device = device
+    network: torch.nn.Module
+    encoder: Encoder
+    device: torch.device
 
 
-# The serving contract gives `input_fn` no model; rows are validated against the schema there, so the
-# encoder of the (single) loaded model is kept here.
-_current: LoadedModel | None = None
+# input_fn is given no model by the serving contract, yet checks rows against the model's columns: it uses
+# the encoder of the model this process loaded (one per container).
+_loaded: LoadedModel | None = None
 
 
 def model_fn(model_dir: str) -> LoadedModel:
-    global _current
-    config = json.loads((Path(model_dir) / "model_config.json").read_text())
+    """Load ``model_config.json`` and ``model.pth`` from the model directory.
+
+    Parameters
+    ----------
+    model_dir
+        The unpacked ``model.tar.gz`` (``/opt/ml/model`` in the container).
+
+    Returns
+    -------
+    LoadedModel
+        The network on CUDA when there is a GPU, else on the CPU.
+    """
+    global _loaded
+    directory = Path(model_dir)
+    config = json.loads((directory / "model_config.json").read_text(encoding="utf-8"))
+    if config.get("format_version") != SUPPORTED_FORMAT_VERSION:
+        raise ValueError(
+            f"model_config.json has format_version {config.get('format_version')!r}; "
+            f"this inference.py reads version {SUPPORTED_FORMAT_VERSION}"
+        )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     network = build_model(config["architecture"])
-    network.load_state_dict(torch.load(Path(model_dir) / "model.pth", map_location=device, weights_only=True))
+    network.load_state_dict(torch.load(directory / "model.pth", map_location=device, weights_only=True))
     network.to(device).eval()
-    _current = LoadedModel(network, Encoder(config["encoder"]), device)
-    return _current
+    _loaded = LoadedModel(network, Encoder.from_config(config), device)
+    return _loaded
 
 
-def input_fn(request_body: bytes | str, request_content_type: str = JSON) -> np.ndarray:
-    if request_content_type.split(";")[0].strip() != JSON:
-        raise ValueError(f"unsupported content type {request_content_type!r}; send {JSON}")
+def input_fn(request_body: bytes | str, request_content_type: str = JSON_TYPE) -> np.ndarray:
+    """Check a JSON request and encode its instances.
+
+    Parameters
+    ----------
+    request_body
+        ``{"instances": [...]}`` with at most 10,000 JSON objects; each must have every feature column as a
+        key (``null`` or ``""`` is missing); other keys are ignored.
+    request_content_type
+        ``application/json`` (parameters such as ``charset`` are ignored).
+
+    Returns
+    -------
+    numpy.ndarray
+        The encoded rows, float32.
+
+    Raises
+    ------
+    InvalidInput
+        A ValueError naming what is wrong, e.g. ``instance 3: missing feature column 'age'``.
+    """
+    media_type = (request_content_type or JSON_TYPE).split(";")[0].strip().lower()
+    if media_type != JSON_TYPE:
+        raise InvalidInput(
+            f"unsupported content type {request_content_type!r}: send {JSON_TYPE}",
+            415,
+            "Unsupported Media Type",
+        )
     try:
         document = json.loads(request_body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"request body is not valid JSON: {exc}") from None
+        raise InvalidInput(f"request body is not valid JSON: {exc}") from None
     instances = document.get("instances") if isinstance(document, dict) else None
     if not isinstance(instances, list) or not instances:
-        raise ValueError('expected {"instances": [{"<column>": <value>, ...}, ...]}')
+        raise InvalidInput(
+            'expected {"instances": [{"<column>": <value>, ...}, ...]} with at least one instance'
+        )
     if len(instances) > MAX_INSTANCES:
-        raise ValueError(f"{len(instances)} instances; at most {MAX_INSTANCES} per request")
-    for i, instance in enumerate(instances):
-        if not isinstance(instance, dict):
-            raise ValueError(f"instance {i} is not a JSON object of column values")
-    if _current is None:
-        raise RuntimeError("model_fn has not run")
-    return _current.encoder.encode(instances, strict=True)
+        raise InvalidInput(f"{len(instances)} instances: at most {MAX_INSTANCES} per request")
+    try:
+        return _request_encoder().encode_instances(instances)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
 
 
-def predict_fn(data: np.ndarray, model: LoadedModel) -> np.ndarray:
+def predict_fn(data: np.ndarray, model: LoadedModel) -> list[dict[str, Any]]:
+    """Run the network on encoded rows.
+
+    Parameters
+    ----------
+    data
+        From `input_fn`.
+    model
+        From `model_fn`.
+
+    Returns
+    -------
+    list of dict
+        Per row ``{"label": <label>, "probabilities": {"<label>": p, ...}}`` (the label as the manifest's
+        JSON value: an integer or a string) or ``{"value": <number>}``.
+    """
+    features = torch.as_tensor(np.asarray(data, dtype=np.float32))
     with torch.inference_mode():
-        out = model.network(torch.from_numpy(data).to(model.device)).float()
-        if model.encoder.task == "classification":
-            return torch.softmax(out, dim=-1).cpu().numpy()
-        return model.encoder.decode_regression(out.squeeze(-1).cpu().numpy())
+        outputs = torch.cat(
+            [
+                model.network(features[i : i + PREDICT_BATCH_ROWS].to(model.device)).float().cpu()
+                for i in range(0, len(features), PREDICT_BATCH_ROWS)
+            ]
+        )
+    encoder = model.encoder
+    if encoder.task == "regression":
+        return [{"value": float(v)} for v in encoder.decode_target(outputs.squeeze(1).numpy())]
+    probabilities = torch.softmax(outputs, dim=1).numpy().astype(np.float64)
+    keys = [str(label) for label in encoder.labels]
+    return [
+        {
+            "label": encoder.labels[int(row.argmax())],
+            "probabilities": {key: float(p) for key, p in zip(keys, row, strict=True)},
+        }
+        for row in probabilities
+    ]
 
 
-def output_fn(prediction: np.ndarray, accept: str = JSON) -> str:
-    if accept not in (JSON, "*/*", ""):
-        raise ValueError(f"unsupported accept type {accept!r}; ask for {JSON}")
-    assert _current is not None
-    encoder = _current.encoder
-    if encoder.task == "classification":
-        keys = [str(label) for label in encoder.labels]
-        predictions: list[dict[str, Any]] = [
-            {
-                "label": encoder.labels[int(row.argmax())],
-                "probabilities": {k: round(float(p), 6) for k, p in zip(keys, row, strict=True)},
-            }
-            for row in prediction
-        ]
-    else:
-        predictions = [{"value": float(v)} for v in prediction]
-    return json.dumps({"predictions": predictions})
+def output_fn(prediction: list[dict[str, Any]], accept: str = JSON_TYPE) -> str:
+    """Serialise predictions as ``{"predictions": [...]}``.
+
+    Parameters
+    ----------
+    prediction
+        From `predict_fn`.
+    accept
+        ``application/json`` or ``*/*`` (or nothing).
+
+    Returns
+    -------
+    str
+        The JSON response body.
+    """
+    accepted = [part.split(";")[0].strip().lower() for part in (accept or JSON_TYPE).split(",")]
+    if not any(a in (JSON_TYPE, "*/*", "application/*", "") for a in accepted):
+        raise InvalidInput(f"cannot answer in {accept!r}: ask for {JSON_TYPE}", 406, "Not Acceptable")
+    return json.dumps({"predictions": prediction})
+
+
+def _request_encoder() -> Encoder:
+    global _loaded
+    if _loaded is None:
+        # model_fn normally runs first; if not, the model is the one this code/ directory ships inside.
+        _loaded = model_fn(str(Path(__file__).resolve().parent.parent))
+    return _loaded.encoder

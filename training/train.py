@@ -1,6 +1,11 @@
-"""SageMaker script-mode entry point: train on the processed splits, evaluate on test, save a self-serving
-model. Runs the same on a laptop (`python train.py --train d/train ... --epochs 5`) and in the AWS PyTorch
-training image, reading SageMaker's container contract (SM_* variables) for its defaults.
+"""SageMaker script-mode entry point: train a tabular MLP on the processed splits, evaluate it on the test
+split, and save a model that serves itself (docs/contracts.md, section 3).
+
+The container contract (``SM_MODEL_DIR``, ``SM_OUTPUT_DATA_DIR``, ``SM_CHANNEL_*``, ``SM_HPS``) gives the
+defaults, so the same file runs in the AWS PyTorch training image and on a laptop::
+
+    python training/train.py --train d/train --validation d/validation --test d/test \\
+        --manifest d/manifest --epochs 5
 """
 
 from __future__ import annotations
@@ -14,290 +19,511 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional
 
-from data import Encoder, read_manifest, read_split
-from model import build_model
+from data import SPLITS, DataError, Encoder, Split, read_manifest, read_split
+from metrics import classification_evaluation, regression_evaluation
+from model import TabularMLP
 
 log = logging.getLogger("train")
 HERE = Path(__file__).resolve().parent
+# What `code/` in model.tar.gz needs for the SageMaker PyTorch serving container to load the model.
 SERVING_FILES = ("inference.py", "model.py", "data.py")
+SERVING_REQUIREMENTS = (
+    "# The AWS PyTorch inference image provides torch and numpy; inference.py needs nothing else.\n"
+)
+CONFIG_FORMAT_VERSION = 1
+PREDICT_BATCH_ROWS = 65_536
+CHANNELS = (*SPLITS, "manifest")
+HYPERPARAMETERS = (
+    "epochs",
+    "batch_size",
+    "learning_rate",
+    "hidden_units",
+    "dropout",
+    "weight_decay",
+    "class_weights",
+    "seed",
+    "patience",
+)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    env = os.environ.get
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model-dir", default=env("SM_MODEL_DIR", "model"))
-    parser.add_argument("--output-data-dir", default=env("SM_OUTPUT_DATA_DIR", "output/data"))
-    for channel in ("train", "validation", "test", "manifest"):
-        parser.add_argument(f"--{channel}", default=env(f"SM_CHANNEL_{channel.upper()}"))
-    parser.add_argument("--epochs", type=int, default=60)
-    parser.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
-    parser.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, default=1e-3)
-    parser.add_argument("--hidden-units", "--hidden_units", dest="hidden_units", default="128,64")
-    parser.add_argument("--dropout", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=7)
-    parser.add_argument("--patience", type=int, default=8)
-    # SageMaker passes its own hyperparameters (sagemaker_program, ...) too: they are not ours to parse.
+class ConfigurationError(ValueError):
+    """A missing channel or an unusable hyperparameter."""
+
+
+class _Parser(argparse.ArgumentParser):
+    # argparse would print usage and exit 2; raising lets main() record the reason in the failure file.
+    def error(self, message: str) -> Any:
+        raise ConfigurationError(message)
+
+
+def parse_hidden_units(text: str) -> tuple[int, ...]:
+    """Hidden layer widths from ``"128,64"`` (also ``"[128, 64]"`` or ``"128 64"``; empty: no hidden layer)."""
+    parts = str(text).strip().strip("[]()\"'").replace(",", " ").split()
+    try:
+        units = tuple(int(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"hidden_units must be comma-separated integers, got {text!r}"
+        ) from None
+    if any(u < 1 for u in units):
+        raise argparse.ArgumentTypeError(f"hidden_units must be positive, got {text!r}")
+    return units
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Channels, output directories and hyperparameters, with defaults from SageMaker's ``SM_*`` variables.
+
+    Parameters
+    ----------
+    argv
+        The arguments; ``sys.argv[1:]`` when None. Arguments this script does not know (SageMaker adds
+        ``--sagemaker_program`` and the like) are ignored.
+
+    Returns
+    -------
+    argparse.Namespace
+
+    Raises
+    ------
+    ConfigurationError
+        For a missing channel or a hyperparameter out of range.
+    """
+    env = os.environ
+    parser = _Parser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
+    )
+    parser.add_argument(
+        "--model-dir", "--model_dir", dest="model_dir", default=env.get("SM_MODEL_DIR", "model")
+    )
+    parser.add_argument(
+        "--output-data-dir",
+        "--output_data_dir",
+        dest="output_data_dir",
+        default=env.get("SM_OUTPUT_DATA_DIR", "output"),
+    )
+    for channel in CHANNELS:
+        parser.add_argument(
+            f"--{channel}",
+            default=env.get(f"SM_CHANNEL_{channel.upper()}"),
+            help=f"the {channel} channel directory (SM_CHANNEL_{channel.upper()})",
+        )
+    hyper = parser.add_argument_group("hyperparameters (also read from SM_HPS)")
+    hyper.add_argument("--epochs", type=int, default=60)
+    hyper.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
+    hyper.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, default=1e-3)
+    hyper.add_argument(
+        "--hidden-units",
+        "--hidden_units",
+        dest="hidden_units",
+        type=parse_hidden_units,
+        default=(128, 64),
+        help='hidden layer widths, e.g. "128,64"',
+    )
+    hyper.add_argument("--dropout", type=float, default=0.1)
+    hyper.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=1e-4)
+    hyper.add_argument(
+        "--class-weights",
+        "--class_weights",
+        dest="class_weights",
+        default="sqrt",
+        choices=("none", "sqrt", "balanced"),
+        help="weight classes by inverse frequency (balanced), its square root, or not at all",
+    )
+    hyper.add_argument("--seed", type=int, default=7)
+    hyper.add_argument("--patience", type=int, default=8, help="epochs without a lower validation loss")
+    parser.set_defaults(**_defaults_from_sm_hps())
+
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        log.info("ignoring arguments %s", unknown)
-    for channel in ("train", "validation", "test", "manifest"):
-        if not getattr(args, channel):
-            parser.error(f"--{channel} (or SM_CHANNEL_{channel.upper()}) is required")
+        log.info("ignoring arguments this script does not use: %s", " ".join(unknown))
+    missing = [c for c in CHANNELS if not getattr(args, c)]
+    if missing:
+        raise ConfigurationError(
+            "missing channel(s) "
+            + ", ".join(missing)
+            + ": pass --"
+            + " --".join(missing)
+            + " or set "
+            + ", ".join(f"SM_CHANNEL_{c.upper()}" for c in missing)
+        )
+    checks = {
+        "epochs": args.epochs >= 1,
+        "batch_size": args.batch_size >= 1,
+        "learning_rate": args.learning_rate > 0,
+        "dropout": 0 <= args.dropout < 1,
+        "weight_decay": args.weight_decay >= 0,
+        "patience": args.patience >= 1,
+        "class_weights": args.class_weights in ("none", "sqrt", "balanced"),
+    }
+    bad = [f"{name}={getattr(args, name)}" for name, ok in checks.items() if not ok]
+    if bad:
+        raise ConfigurationError("hyperparameters out of range: " + ", ".join(bad))
     return args
 
 
+def _defaults_from_sm_hps() -> dict[str, str]:
+    # SageMaker passes hyperparameters as arguments too; SM_HPS covers a job started without them.
+    try:
+        hps = json.loads(os.environ.get("SM_HPS") or "{}")
+    except json.JSONDecodeError:
+        return {}
+    # String defaults go through each argument's `type`, as a command-line value would.
+    return {k: str(v) for k, v in hps.items() if k in HYPERPARAMETERS}
+
+
 def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (every device), so a rerun trains the same model."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
 
 
-def tensors(
-    encoder: Encoder, rows: list[dict[str, str]], device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if not rows:
-        raise ValueError("a split is empty")
-    return (
-        torch.from_numpy(encoder.encode(rows)).to(device),
-        torch.from_numpy(encoder.encode_target(rows)).to(device),
-    )
+class Objective:
+    """What the training loop asks of a task: the loss to minimise and the validation report."""
+
+    def train_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def validation_report(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        """``validation_loss`` (early stopping watches it) and the task's readable metric."""
+        raise NotImplementedError
 
 
-def train(args: argparse.Namespace) -> dict[str, Any]:
-    seed_everything(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    manifest = read_manifest(args.manifest)
-    encoder = Encoder.from_manifest(manifest)
-    splits = {name: read_split(getattr(args, name)) for name in ("train", "validation", "test")}
-    (x_train, y_train), (x_val, y_val), (x_test, y_test) = (
-        tensors(encoder, splits[n], device) for n in splits
-    )
-    log.info(
-        "device %s; rows train=%d validation=%d test=%d; %d features encoded as %d inputs",
-        device,
-        len(x_train),
-        len(x_val),
-        len(x_test),
-        len(encoder.features),
-        encoder.width,
-    )
+class Classification(Objective):
+    """Cross-entropy, with class weights against imbalance in training.
 
-    architecture = {
-        "name": "tabular_mlp",
-        "in_features": encoder.width,
-        "out_features": encoder.output_width,
-        "hidden": [int(h) for h in str(args.hidden_units).split(",") if h.strip()],
-        "dropout": args.dropout,
-    }
-    model = build_model(architecture).to(device)
-    classification = encoder.task == "classification"
-    loss_fn: nn.Module = nn.CrossEntropyLoss() if classification else nn.MSELoss()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=1e-4)
+    Validation loss is unweighted cross-entropy: the model that is kept is the one whose probabilities fit
+    best, and the gate judges plain accuracy against the majority class.
+    """
+
+    def __init__(self, class_weights: torch.Tensor | None) -> None:
+        self.class_weights = class_weights
+
+    def train_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return functional.cross_entropy(outputs, targets, weight=self.class_weights)
+
+    def validation_report(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        return {
+            "validation_loss": functional.cross_entropy(outputs, targets).item(),
+            "validation_accuracy": (outputs.argmax(dim=1) == targets).float().mean().item(),
+        }
+
+
+class Regression(Objective):
+    """Mean squared error on the standardised target; RMSE reported in the target's units."""
+
+    def __init__(self, target_std: float) -> None:
+        self.target_std = target_std
+
+    def train_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return functional.mse_loss(outputs.squeeze(1), targets)
+
+    def validation_report(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
+        mse = functional.mse_loss(outputs.squeeze(1), targets).item()
+        return {"validation_loss": mse, "validation_rmse": math.sqrt(mse) * self.target_std}
+
+
+def class_weights(train_targets: np.ndarray, classes: int, scheme: str) -> np.ndarray | None:
+    """Per-class loss weights from train class counts, scaled so the average row weighs 1.
+
+    ``balanced`` weighs a class by its inverse frequency; ``sqrt`` by the square root of that, which
+    helps rare classes without trading away much accuracy; ``none`` gives None.
+    """
+    if scheme == "none":
+        return None
+    counts = np.bincount(train_targets, minlength=classes).astype(np.float64)
+    weights = len(train_targets) / (classes * np.maximum(counts, 1.0))
+    if scheme == "sqrt":
+        weights = np.sqrt(weights)
+    weights /= (weights * counts).sum() / max(1, len(train_targets))
+    return weights
+
+
+@dataclass
+class FitResult:
+    """How training went: the epoch whose weights were kept, and the per-epoch history."""
+
+    best_epoch: int
+    best_validation_loss: float
+    epochs_run: int
+    seconds: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def fit(
+    network: nn.Module,
+    objective: Objective,
+    train: tuple[torch.Tensor, torch.Tensor],
+    validation: tuple[torch.Tensor, torch.Tensor],
+    args: argparse.Namespace,
+) -> FitResult:
+    """Mini-batch AdamW with early stopping on validation loss; leaves the best epoch's weights loaded.
+
+    Prints one line per epoch for SageMaker's metric definitions, e.g.
+    ``epoch=3 train_loss=0.4100 validation_loss=0.3900 validation_accuracy=0.8700``.
+    """
+    x_train, y_train = train
+    x_val, y_val = validation
+    optimizer = torch.optim.AdamW(network.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=0.5, patience=max(1, args.patience // 3)
     )
-
-    def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        out = model(x)
-        return loss_fn(out, y) if classification else loss_fn(out.squeeze(-1), y)
-
-    best_loss, best_state, best_epoch, waited = math.inf, None, 0, 0
-    history = []
+    # Shuffling draws from its own generator, so the order does not depend on what else consumed randomness.
+    shuffler = torch.Generator().manual_seed(args.seed)
+    rows = len(x_train)
+    best = FitResult(best_epoch=0, best_validation_loss=math.inf, epochs_run=0, seconds=0.0)
+    best_state: dict[str, torch.Tensor] = {}
     started = time.monotonic()
-    generator = torch.Generator(device="cpu").manual_seed(args.seed)
     for epoch in range(1, args.epochs + 1):
-        model.train()
-        order = torch.randperm(len(x_train), generator=generator).to(device)
+        network.train()
+        order = torch.randperm(rows, generator=shuffler).to(x_train.device)
         total = 0.0
-        for start in range(0, len(order), args.batch_size):
+        for start in range(0, rows, args.batch_size):
             batch = order[start : start + args.batch_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = loss_of(x_train[batch], y_train[batch])
+            loss = objective.train_loss(network(x_train[batch]), y_train[batch])
             loss.backward()
             optimizer.step()
             total += loss.item() * len(batch)
-        model.eval()
-        with torch.no_grad():
-            val_loss = loss_of(x_val, y_val).item()
-            val_out = model(x_val)
+        report = objective.validation_report(predict(network, x_val), y_val)
+        train_loss, val_loss = total / rows, report["validation_loss"]
+        print(
+            f"epoch={epoch} train_loss={train_loss:.4f} "
+            + " ".join(f"{name}={value:.4f}" for name, value in report.items()),
+            flush=True,
+        )
+        best.history.append({"epoch": epoch, "train_loss": train_loss, **report})
+        best.epochs_run = epoch
+        if not math.isfinite(val_loss):
+            raise FloatingPointError(
+                f"validation loss is {val_loss} at epoch {epoch}: try a lower learning_rate"
+            )
         scheduler.step(val_loss)
-        line = f"epoch={epoch} train_loss={total / len(x_train):.4f} validation_loss={val_loss:.4f}"
-        if classification:
-            line += f" validation_accuracy={(val_out.argmax(-1) == y_val).float().mean().item():.4f}"
-        else:
-            scaled_rmse = (val_out.squeeze(-1) - y_val).pow(2).mean().sqrt().item()
-            line += f" validation_rmse={scaled_rmse * encoder.config['target_std']:.4f}"
-        print(line, flush=True)
-        history.append({"epoch": epoch, "train_loss": total / len(x_train), "validation_loss": val_loss})
-        if val_loss < best_loss - 1e-6:
-            best_loss, best_epoch, waited = val_loss, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            waited += 1
-            if waited >= args.patience:
-                print(
-                    f"early stop at epoch {epoch}: best validation_loss={best_loss:.4f} at epoch {best_epoch}",
-                    flush=True,
-                )
-                break
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    model.eval()
-    with torch.no_grad():
-        test_out = model(x_test).float().cpu()
-    evaluation = evaluate(encoder, test_out, y_test.cpu(), y_train.cpu())
-    evaluation["conveyor"].update(
-        best_epoch=best_epoch, training_seconds=round(time.monotonic() - started, 2)
+        if val_loss < best.best_validation_loss - 1e-6:
+            best.best_epoch, best.best_validation_loss = epoch, val_loss
+            best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
+        elif epoch - best.best_epoch >= args.patience:
+            log.info(
+                "stopping early at epoch %d: no lower validation loss for %d epochs (lowest %.4f, epoch %d)",
+                epoch,
+                args.patience,
+                best.best_validation_loss,
+                best.best_epoch,
+            )
+            break
+    network.load_state_dict(best_state)
+    network.eval()
+    best.seconds = time.monotonic() - started
+    return best
+
+
+def predict(network: nn.Module, features: torch.Tensor) -> torch.Tensor:
+    """The network's outputs in evaluation mode, in chunks so a large split fits in memory."""
+    network.eval()
+    with torch.inference_mode():
+        chunks = [
+            network(features[i : i + PREDICT_BATCH_ROWS]) for i in range(0, len(features), PREDICT_BATCH_ROWS)
+        ]
+    return torch.cat(chunks).float()
+
+
+def load_splits(args: argparse.Namespace) -> tuple[dict[str, Any], Encoder, dict[str, Split]]:
+    """The manifest, the encoder built from it, and the three splits (rows without a target dropped)."""
+    manifest = read_manifest(args.manifest)
+    target = manifest["target"]
+    features = [c["name"] for c in manifest["columns"] if c.get("role") == "feature"]
+    splits = {}
+    for name in SPLITS:
+        split = read_split(getattr(args, name), name, [*features, target], manifest.get("delimiter", ","))
+        dropped = split.drop_missing(target)
+        if dropped:
+            log.warning("%s split: dropped %d rows without a target", name, dropped)
+        if split.rows == 0:
+            raise DataError(f"{name} split is empty: no row has a target")
+        splits[name] = split
+    encoder = Encoder.from_manifest(manifest, train_target=splits["train"].columns[target])
+    return manifest, encoder, splits
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train, evaluate on the test split, and save the model and its evaluation.
+
+    Parameters
+    ----------
+    args
+        From `parse_args`.
+
+    Returns
+    -------
+    dict
+        The ``evaluation.json`` document.
+    """
+    seed_everything(args.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        # A tabular MLP's mini-batches are too small for intra-op threads to pay off: syncing them costs
+        # more than it saves, and on a busy machine spinning OpenMP workers make a step ~50x slower.
+        torch.set_num_threads(1)
+    manifest, encoder, splits = load_splits(args)
+    tensors = {}
+    for name, split in splits.items():
+        x = torch.from_numpy(encoder.encode(split.columns, split.rows)).to(device)
+        y = torch.from_numpy(encoder.encode_target(split.columns[encoder.target])).to(device)
+        tensors[name] = (x, y)
+    log.info(
+        "dataset %s version %s: %s of %r; rows train=%d validation=%d test=%d; %d features -> %d inputs; "
+        "device %s",
+        manifest.get("dataset"),
+        manifest.get("version"),
+        encoder.task,
+        encoder.target,
+        splits["train"].rows,
+        splits["validation"].rows,
+        splits["test"].rows,
+        len(encoder.features),
+        encoder.width,
+        device,
     )
-    summary = evaluation["conveyor"]
-    print(f"test_{summary['metric']}={summary['value']:.4f} baseline={summary['baseline']:.4f}", flush=True)
-    save(args, model, encoder, architecture, evaluation, history)
+
+    network = TabularMLP(encoder.width, encoder.output_width, args.hidden_units, args.dropout).to(device)
+    objective: Objective
+    train_truth = tensors["train"][1].cpu().numpy()
+    if encoder.task == "classification":
+        weights = class_weights(train_truth, encoder.output_width, args.class_weights)
+        if weights is not None:
+            log.info(
+                "class weights (%s): %s",
+                args.class_weights,
+                ", ".join(f"{label}={w:.3f}" for label, w in zip(encoder.labels, weights, strict=True)),
+            )
+        objective = Classification(
+            None if weights is None else torch.tensor(weights, dtype=torch.float32, device=device)
+        )
+    else:
+        objective = Regression(encoder.target_std)
+    result = fit(network, objective, tensors["train"], tensors["validation"], args)
+    log.info(
+        "kept epoch %d of %d (validation loss %.4f); %.1f s",
+        result.best_epoch,
+        result.epochs_run,
+        result.best_validation_loss,
+        result.seconds,
+    )
+
+    x_test, y_test = tensors["test"]
+    outputs = predict(network, x_test).cpu()
+    if encoder.task == "classification":
+        evaluation = classification_evaluation(
+            torch.softmax(outputs, dim=1).numpy(), y_test.cpu().numpy(), train_truth, encoder.labels
+        )
+    else:
+        evaluation = regression_evaluation(
+            encoder.decode_target(outputs.squeeze(1).numpy()),
+            encoder.decode_target(y_test.cpu().numpy()),
+            train_mean=encoder.target_mean,
+        )
+    evaluation["conveyor"].update(
+        dataset=manifest.get("dataset"),
+        version=manifest.get("version"),
+        best_epoch=result.best_epoch,
+        epochs_run=result.epochs_run,
+        training_seconds=round(result.seconds, 3),
+        hyperparameters=hyperparameters(args),
+    )
+    print(final_line(evaluation), flush=True)
+    save(args, network, encoder, manifest, evaluation, result)
     return evaluation
 
 
-def evaluate(
-    encoder: Encoder, outputs: torch.Tensor, truth: torch.Tensor, train_truth: torch.Tensor
-) -> dict[str, Any]:
-    """Test-split metrics in SageMaker's model-quality format plus conveyor's summary for the gate."""
-
-    def metric(value: float) -> dict[str, Any]:
-        return {"value": float(value), "standard_deviation": "NaN"}
-
-    y = truth.numpy()
-    if encoder.task == "classification":
-        probabilities = torch.softmax(outputs, dim=-1).numpy()
-        predicted = probabilities.argmax(-1)
-        classes = len(encoder.labels)
-        confusion = np.zeros((classes, classes), dtype=int)
-        np.add.at(confusion, (y, predicted), 1)
-        per_class = {}
-        f1s = []
-        for i, label in enumerate(encoder.labels):
-            tp = confusion[i, i]
-            precision = tp / confusion[:, i].sum() if confusion[:, i].sum() else 0.0
-            recall = tp / confusion[i].sum() if confusion[i].sum() else 0.0
-            f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-            f1s.append(f1)
-            per_class[str(label)] = {
-                "precision": precision,
-                "recall": recall,
-                "f1": f1,
-                "support": int(confusion[i].sum()),
-            }
-        accuracy = float((predicted == y).mean())
-        majority = int(np.bincount(train_truth.numpy(), minlength=classes).argmax())
-        baseline = float((y == majority).mean())
-        metrics = {
-            "accuracy": metric(accuracy),
-            "weighted_f1": metric(
-                sum(f * c["support"] for f, c in zip(f1s, per_class.values(), strict=True)) / max(1, len(y))
-            ),
-            "f1": metric(float(np.mean(f1s))),
-        }
-        section = "multiclass_classification_metrics"
-        if classes == 2:
-            section = "binary_classification_metrics"
-            metrics["auc"] = metric(roc_auc(probabilities[:, 1], y))
-        metrics["confusion_matrix"] = {
-            str(encoder.labels[i]): {str(encoder.labels[j]): int(confusion[i, j]) for j in range(classes)}
-            for i in range(classes)
-        }
-        return {
-            section: metrics,
-            "conveyor": {
-                "task": "classification",
-                "metric": "accuracy",
-                "value": accuracy,
-                "baseline": baseline,
-                "baseline_name": "majority class",
-                "test_rows": len(y),
-                "per_class": per_class,
-            },
-        }
-    predicted = encoder.decode_regression(outputs.squeeze(-1).numpy())
-    actual = encoder.decode_regression(y)
-    errors = predicted - actual
-    mse = float(np.mean(errors**2))
-    variance = float(np.mean((actual - actual.mean()) ** 2)) or 1e-12
-    train_mean = float(encoder.decode_regression(train_truth.numpy()).mean())
-    baseline_r2 = 1 - float(np.mean((actual - train_mean) ** 2)) / variance
-    r2 = 1 - mse / variance
-    return {
-        "regression_metrics": {
-            "mse": metric(mse),
-            "rmse": metric(math.sqrt(mse)),
-            "mae": metric(float(np.mean(np.abs(errors)))),
-            "r2": metric(r2),
-        },
-        "conveyor": {
-            "task": "regression",
-            "metric": "r2",
-            "value": r2,
-            "baseline": baseline_r2,
-            "baseline_name": "train mean",
-            "test_rows": len(y),
-        },
-    }
+def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:
+    """The hyperparameters this run used, JSON-ready."""
+    return {name: list(v) if isinstance(v := getattr(args, name), tuple) else v for name in HYPERPARAMETERS}
 
 
-def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
-    """Area under the ROC curve by the rank-sum (Mann-Whitney U) formula, ties averaged."""
-    positives = int(truth.sum())
-    negatives = len(truth) - positives
-    if positives == 0 or negatives == 0:
-        return float("nan")
-    order = scores.argsort()
-    ranks = np.empty(len(scores), dtype=float)
-    ranks[order] = np.arange(1, len(scores) + 1)
-    for value in np.unique(scores):
-        tied = scores == value
-        ranks[tied] = ranks[tied].mean()
-    return float((ranks[truth == 1].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+def final_line(evaluation: dict[str, Any]) -> str:
+    """The end-of-training line SageMaker's metric definitions scrape (``test_accuracy=`` or ``test_r2=``)."""
+    summary = evaluation["conveyor"]
+    section = next(v for k, v in evaluation.items() if k.endswith("_metrics"))
+    parts = [f"test_{summary['metric']}={summary['value']:.4f}"]
+    for name in ("macro_f1", "auc", "rmse", "mae"):
+        if name in section:
+            parts.append(f"test_{name}={section[name]['value']:.4f}")
+    # Named so that no metric definition's regex (test_accuracy=, test_r2=) matches it.
+    parts.append(f"baseline_{summary['metric']}={summary['baseline']:.4f}")
+    return " ".join(parts)
 
 
 def save(
     args: argparse.Namespace,
-    model: nn.Module,
+    network: TabularMLP,
     encoder: Encoder,
-    architecture: dict[str, Any],
+    manifest: dict[str, Any],
     evaluation: dict[str, Any],
-    history: list[dict[str, Any]],
+    result: FitResult,
 ) -> None:
+    """Write the model directory (weights, config, evaluation, serving code) and the output data."""
     model_dir, output_dir = Path(args.model_dir), Path(args.output_data_dir)
-    (model_dir / "code").mkdir(parents=True, exist_ok=True)
+    code = model_dir / "code"
+    code.mkdir(parents=True, exist_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.cpu() for k, v in model.state_dict().items()}, model_dir / "model.pth")
-    config = {"encoder": encoder.config, "architecture": architecture, "format_version": 1}
-    (model_dir / "model_config.json").write_text(json.dumps(config, indent=2))
-    for directory in (model_dir, output_dir):
-        (directory / "evaluation.json").write_text(json.dumps(evaluation, indent=2))
-    (output_dir / "history.json").write_text(json.dumps(history))
-    # The SageMaker PyTorch serving convention: code/ inside model.tar.gz, so the artefact serves itself.
+    torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, model_dir / "model.pth")
+    config = {
+        "format_version": CONFIG_FORMAT_VERSION,
+        "dataset": manifest.get("dataset"),
+        "version": manifest.get("version"),
+        **encoder.to_config(),
+        "architecture": network.architecture(),
+    }
+    (model_dir / "model_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    document = json.dumps(evaluation, indent=2) + "\n"
+    (model_dir / "evaluation.json").write_text(document)
+    (output_dir / "evaluation.json").write_text(document)
+    (output_dir / "history.json").write_text(json.dumps(result.history) + "\n")
     for name in SERVING_FILES:
-        shutil.copy2(HERE / name, model_dir / "code" / name)
-    (model_dir / "code" / "requirements.txt").write_text(
-        "# The AWS PyTorch inference image provides torch and numpy.\n"
-    )
+        shutil.copy2(HERE / name, code / name)
+    (code / "requirements.txt").write_text(SERVING_REQUIREMENTS)
+    log.info("saved the model to %s and the evaluation to %s", model_dir, output_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
+def failure_file(args: argparse.Namespace | None) -> Path:
+    """Where SageMaker looks for the reason a job failed (``/opt/ml/output/failure``)."""
+    output_data_dir = args.output_data_dir if args else os.environ.get("SM_OUTPUT_DATA_DIR", "output")
+    return Path(os.environ.get("SM_OUTPUT_DIR") or Path(output_data_dir).parent) / "failure"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run a training job; on failure write the reason to the failure file and return 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stdout)
-    args = parse_args(argv)
+    args = None
     try:
+        args = parse_args(argv)
         train(args)
     except Exception as exc:
-        # SageMaker reports the content of /opt/ml/output/failure as the job's FailureReason.
-        failure = Path(os.environ.get("SM_OUTPUT_DIR", Path(args.output_data_dir).parent)) / "failure"
-        failure.parent.mkdir(parents=True, exist_ok=True)
-        failure.write_text(f"{type(exc).__name__}: {exc}"[:1000])
-        log.exception("training failed")
+        # Bad input gets its message alone; anything else its type and traceback too.
+        expected = isinstance(exc, DataError | ConfigurationError)
+        reason = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+        if expected:
+            log.error("training failed: %s", reason)
+        else:
+            log.exception("training failed")
+        try:
+            path = failure_file(args)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # SageMaker shows at most 1,024 characters of it as the job's FailureReason.
+            path.write_text(reason[:1024])
+        except OSError as write_error:
+            log.error("could not write the failure file: %s", write_error)
         return 1
     return 0
 

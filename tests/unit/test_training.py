@@ -1,0 +1,531 @@
+"""The training recipe end to end on small synthetic datasets: train.py as SageMaker runs it, the artefact it
+leaves, and the serving handlers loaded from the artefact's own code/ (docs/contracts.md, sections 2-4)."""
+
+import contextlib
+import csv
+import importlib
+import inspect
+import json
+import math
+import os
+import random
+import re
+import statistics
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+TRAINING = ROOT / "training"
+# Top-level names the training code imports itself by (as in /opt/ml/code and /opt/ml/model/code).
+TRAINING_MODULES = ("data", "model", "metrics", "inference", "train")
+EPOCH_LINE = re.compile(
+    r"^epoch=\d+ train_loss=[-+0-9.eE]+ validation_loss=[-+0-9.eE]+ validation_(accuracy|rmse)="
+)
+MISSING_MARKERS = ["", "NA", " n/a ", "NaN", "null", "None"]
+
+
+@contextlib.contextmanager
+def modules_from(directory: Path):
+    """Import the training modules from `directory`, then forget them so other tests get their own."""
+    saved = {name: sys.modules.pop(name) for name in TRAINING_MODULES if name in sys.modules}
+    sys.path.insert(0, str(directory))
+    try:
+        yield lambda name: importlib.import_module(name)
+    finally:
+        sys.path.remove(str(directory))
+        for name in TRAINING_MODULES:
+            sys.modules.pop(name, None)
+        sys.modules.update(saved)
+
+
+# --- synthetic datasets, laid out as SageMaker's channels ------------------------------------------------
+
+
+def tier_rows(n, rng):
+    """Three string classes driven by a numeric `spend` and a categorical `plan`; an ID column to ignore."""
+    rows = []
+    for i in range(n):
+        plan = rng.choice(["basic", "pro", "enterprise", "trial"])
+        spend = rng.gauss(50, 20)
+        score = (spend - 50) / 20 + {"basic": -0.8, "pro": 0.6, "enterprise": 1.6, "trial": -1.6}[plan]
+        score += rng.gauss(0, 0.3)
+        tier = "bronze" if score < -0.5 else "silver" if score < 0.9 else "gold"
+        spend_text = rng.choice(MISSING_MARKERS) if rng.random() < 0.04 else f"{spend:.2f}"
+        plan_text = rng.choice(["", "NA"]) if rng.random() < 0.03 else plan
+        rows.append({"customer_id": f"C{i:05d}", "spend": spend_text, "plan": plan_text, "tier": tier})
+    return rows
+
+
+def churn_rows(n, rng):
+    """Integer labels 0/1 (imbalanced, about 30% ones), a numeric and a categorical feature."""
+    rows = []
+    for _ in range(n):
+        tenure = rng.uniform(0, 60)
+        contract = rng.choice(["monthly", "yearly"])
+        logit = 2.6 - tenure / 8 + (1.8 if contract == "monthly" else -1.8) + rng.gauss(0, 0.5)
+        rows.append({"tenure": f"{tenure:.1f}", "contract": contract, "churned": "1" if logit > 0 else "0"})
+    return rows
+
+
+def price_rows(n, rng):
+    """A numeric target in the hundreds of thousands: the encoder must scale it and serving unscale it."""
+    rows = []
+    for _ in range(n):
+        size = rng.uniform(30, 200)
+        rooms = rng.randint(1, 6)
+        city = rng.choice(["north", "south", "east"])
+        price = 1500 * size + 9000 * rooms + {"north": 40000, "south": 0, "east": -30000}[city]
+        rows.append(
+            {
+                "size_m2": f"{size:.1f}",
+                "rooms": str(rooms),
+                "city": city,
+                "price": f"{price + rng.gauss(0, 8000):.0f}",
+            }
+        )
+    return rows
+
+
+def manifest_for(train_rows, task, target, features, ignored=(), labels=None):
+    """A manifest as preprocessing writes it: feature statistics from the train split only."""
+    columns = []
+    for name, kind in features.items():
+        present = [
+            r[name].strip()
+            for r in train_rows
+            if r[name].strip().lower() not in {"", "na", "n/a", "nan", "null", "none"}
+        ]
+        stats = {"count": len(present), "missing": len(train_rows) - len(present)}
+        if kind == "numeric":
+            numbers = [float(v) for v in present]
+            stats.update(
+                mean=statistics.fmean(numbers),
+                std=statistics.stdev(numbers),
+                min=min(numbers),
+                max=max(numbers),
+            )
+        else:
+            ranked = sorted(Counter(present).items(), key=lambda kv: (-kv[1], kv[0]))
+            stats.update(categories=[v for v, _ in ranked[:50]], truncated=len(ranked) > 50)
+        columns.append({"name": name, "role": "feature", "type": kind, "stats": stats})
+    columns += [{"name": name, "role": "ignored", "reason": "identifier-like"} for name in ignored]
+    values = [r[target] for r in train_rows]
+    if task == "classification":
+        columns.append(
+            {
+                "name": target,
+                "role": "target",
+                "type": "categorical",
+                "stats": {"count": len(values), "missing": 0, "class_counts": dict(Counter(values))},
+            }
+        )
+    else:
+        numbers = [float(v) for v in values]
+        columns.append(
+            {
+                "name": target,
+                "role": "target",
+                "type": "numeric",
+                "stats": {
+                    "count": len(numbers),
+                    "missing": 0,
+                    "mean": statistics.fmean(numbers),
+                    "std": statistics.stdev(numbers),
+                    "min": min(numbers),
+                    "max": max(numbers),
+                },
+            }
+        )
+    manifest = {
+        "schema_version": 1,
+        "dataset": "synthetic",
+        "version": "20261122T175500Z-1a2b3c",
+        "format": "csv",
+        "delimiter": ",",
+        "task": task,
+        "target": target,
+        "columns": columns,
+    }
+    if labels is not None:
+        manifest["labels"] = labels
+    return manifest
+
+
+def write_channels(root: Path, rows, manifest) -> dict[str, Path]:
+    """train/validation/test/part-00000.csv (80/10/10, original strings) and manifest/manifest.json."""
+    n = len(rows)
+    cut = {
+        "train": rows[: int(n * 0.8)],
+        "validation": rows[int(n * 0.8) : int(n * 0.9)],
+        "test": rows[int(n * 0.9) :],
+    }
+    channels = {}
+    for split, part in cut.items():
+        directory = root / split
+        directory.mkdir(parents=True)
+        with (directory / "part-00000.csv").open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]), lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(part)
+        channels[split] = directory
+    (root / "manifest").mkdir()
+    (root / "manifest" / "manifest.json").write_text(json.dumps(manifest))
+    channels["manifest"] = root / "manifest"
+    return channels
+
+
+def split_rows(channels, split):
+    with (channels[split] / "part-00000.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+class TrainedCase:
+    def __init__(self, root, channels, manifest, completed):
+        self.root, self.channels, self.manifest, self.completed = root, channels, manifest, completed
+        self.model_dir, self.output_dir = root / "opt/ml/model", root / "opt/ml/output/data"
+
+    def evaluation(self):
+        return json.loads((self.model_dir / "evaluation.json").read_text())
+
+
+def run_training(root: Path, rows, manifest, *extra) -> TrainedCase:
+    channels = write_channels(root / "input", rows, manifest)
+    ml = root / "opt/ml"
+    env = {
+        **os.environ,
+        "SM_MODEL_DIR": str(ml / "model"),
+        "SM_OUTPUT_DATA_DIR": str(ml / "output/data"),
+        "SM_OUTPUT_DIR": str(ml / "output"),
+        **{f"SM_CHANNEL_{name.upper()}": str(path) for name, path in channels.items()},
+    }
+    # Hyperparameters as SageMaker passes them: underscores, strings, and its own sagemaker_* ones too.
+    command = [
+        sys.executable,
+        str(TRAINING / "train.py"),
+        "--epochs",
+        "25",
+        "--batch_size",
+        "64",
+        "--hidden_units",
+        "32,16",
+        "--sagemaker_program",
+        "train.py",
+        "--sagemaker_submit_directory",
+        "s3://artifacts/code/training/sourcedir.tar.gz",
+        *extra,
+    ]
+    completed = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    return TrainedCase(root, channels, manifest, completed)
+
+
+@pytest.fixture(scope="module")
+def tiers(tmp_path_factory):
+    rows = tier_rows(1000, random.Random(1))
+    manifest = manifest_for(
+        rows[:800],
+        "classification",
+        "tier",
+        {"spend": "numeric", "plan": "categorical"},
+        ignored=["customer_id"],
+        labels=["bronze", "gold", "silver"],
+    )
+    return run_training(tmp_path_factory.mktemp("tiers"), rows, manifest)
+
+
+@pytest.fixture(scope="module")
+def churn(tmp_path_factory):
+    rows = churn_rows(800, random.Random(2))
+    manifest = manifest_for(
+        rows[:640],
+        "classification",
+        "churned",
+        {"tenure": "numeric", "contract": "categorical"},
+        labels=[0, 1],
+    )
+    return run_training(tmp_path_factory.mktemp("churn"), rows, manifest)
+
+
+@pytest.fixture(scope="module")
+def prices(tmp_path_factory):
+    rows = price_rows(600, random.Random(3))
+    manifest = manifest_for(
+        rows[:480], "regression", "price", {"size_m2": "numeric", "rooms": "numeric", "city": "categorical"}
+    )
+    return run_training(tmp_path_factory.mktemp("prices"), rows, manifest)
+
+
+@contextlib.contextmanager
+def served(case: TrainedCase):
+    """The artefact's own serving handlers, as the container loads them from <model_dir>/code/."""
+    with modules_from(case.model_dir / "code") as load:
+        inference = load("inference")
+        assert Path(inference.__file__).parent == case.model_dir / "code"
+        yield inference, inference.model_fn(str(case.model_dir))
+
+
+def serve(inference, model, instances):
+    data = inference.input_fn(json.dumps({"instances": instances}), "application/json")
+    return json.loads(inference.output_fn(inference.predict_fn(data, model), "application/json"))
+
+
+# --- training jobs ---------------------------------------------------------------------------------------
+
+
+def test_the_model_directory_holds_what_the_contract_lists(tiers):
+    model_dir = tiers.model_dir
+    for name in (
+        "model.pth",
+        "model_config.json",
+        "evaluation.json",
+        "code/inference.py",
+        "code/model.py",
+        "code/data.py",
+        "code/requirements.txt",
+    ):
+        assert (model_dir / name).is_file(), name
+    assert (tiers.output_dir / "evaluation.json").read_text() == (model_dir / "evaluation.json").read_text()
+    requirements = (model_dir / "code/requirements.txt").read_text().splitlines()
+    assert all(line.startswith("#") or not line.strip() for line in requirements)
+    config = json.loads((model_dir / "model_config.json").read_text())
+    assert config["task"] == "classification" and config["target"] == "tier"
+    assert config["labels"] == ["bronze", "gold", "silver"]
+    assert [f["name"] for f in config["features"]] == ["spend", "plan"]
+    assert config["architecture"]["hidden_units"] == [32, 16]
+
+
+def test_multiclass_accuracy_clearly_beats_the_majority_class(tiers):
+    evaluation = tiers.evaluation()
+    summary = evaluation["conveyor"]
+    assert summary["task"] == "classification" and summary["metric"] == "accuracy"
+    assert summary["baseline_name"] == "majority class" and summary["test_rows"] == 100
+    assert summary["value"] > summary["baseline"] + 0.25, summary
+    metrics = evaluation["multiclass_classification_metrics"]
+    assert metrics["accuracy"] == {"value": summary["value"], "standard_deviation": "NaN"}
+    assert 0 < metrics["macro_f1"]["value"] <= 1
+    assert sum(sum(row.values()) for row in metrics["confusion_matrix"].values()) == 100
+
+
+def test_stdout_has_the_lines_the_metric_definitions_scrape(tiers):
+    lines = tiers.completed.stdout.splitlines()
+    epochs = [line for line in lines if EPOCH_LINE.match(line)]
+    assert epochs and epochs[0].startswith("epoch=1 ")
+    final = [line for line in lines if re.search(r"\btest_accuracy=([-+0-9.eE]+)", line)]
+    assert len(final) == 1
+    value = float(re.search(r"test_accuracy=([-+0-9.eE]+)", final[0]).group(1))
+    assert value == pytest.approx(tiers.evaluation()["conveyor"]["value"], abs=1e-4)
+    # Only epoch lines may feed the validation metrics; an early-stop message must not.
+    assert all(EPOCH_LINE.match(line) for line in lines if "validation_loss=" in line)
+
+
+def test_integer_labels_train_and_binary_metrics_are_reported(churn):
+    evaluation = churn.evaluation()
+    summary = evaluation["conveyor"]
+    assert summary["value"] > summary["baseline"] + 0.15, summary
+    metrics = evaluation["binary_classification_metrics"]
+    assert metrics["auc"]["value"] > 0.9
+    assert set(metrics["confusion_matrix"]) == {"0", "1"}
+
+
+def test_regression_beats_the_train_mean(prices):
+    evaluation = prices.evaluation()
+    summary = evaluation["conveyor"]
+    assert summary["metric"] == "r2" and summary["baseline_name"] == "train mean"
+    assert summary["value"] > 0.8 and summary["baseline"] <= 0.01
+    metrics = evaluation["regression_metrics"]
+    assert metrics["rmse"]["value"] == pytest.approx(math.sqrt(metrics["mse"]["value"]))
+    assert re.search(r"^test_r2=[-+0-9.eE]+ ", prices.completed.stdout, re.MULTILINE)
+    assert "validation_rmse=" in prices.completed.stdout
+
+
+# --- serving from the artefact ---------------------------------------------------------------------------
+
+
+def test_served_predictions_match_the_evaluation(tiers):
+    test_rows = split_rows(tiers.channels, "test")
+    instances = [{k: v for k, v in row.items() if k != "tier"} for row in test_rows]
+    with served(tiers) as (inference, model):
+        predictions = serve(inference, model, instances)["predictions"]
+    assert len(predictions) == len(test_rows)
+    for prediction in predictions:
+        assert prediction["label"] in ("bronze", "gold", "silver")
+        assert set(prediction["probabilities"]) == {"bronze", "gold", "silver"}
+        assert sum(prediction["probabilities"].values()) == pytest.approx(1, abs=1e-6)
+        assert prediction["label"] == max(prediction["probabilities"], key=prediction["probabilities"].get)
+    accuracy = np.mean([p["label"] == r["tier"] for p, r in zip(predictions, test_rows, strict=True)])
+    # Serving must encode exactly as training did: the same rows get the same accuracy.
+    assert accuracy == pytest.approx(tiers.evaluation()["conveyor"]["value"])
+
+
+def test_served_integer_labels_are_json_numbers(churn):
+    instances = [
+        {"tenure": 2, "contract": "monthly"},
+        {"tenure": "58.5", "contract": "yearly"},
+        {"tenure": None, "contract": ""},
+    ]
+    with served(churn) as (inference, model):
+        predictions = serve(inference, model, instances)["predictions"]
+    assert [p["label"] for p in predictions[:2]] == [1, 0]
+    assert all(type(p["label"]) is int and set(p["probabilities"]) == {"0", "1"} for p in predictions)
+
+
+def test_served_regression_values_are_in_the_targets_units(prices):
+    test_rows = split_rows(prices.channels, "test")
+    instances = [{k: v for k, v in row.items() if k != "price"} for row in test_rows]
+    with served(prices) as (inference, model):
+        values = [p["value"] for p in serve(inference, model, instances)["predictions"]]
+    actual = np.array([float(r["price"]) for r in test_rows])
+    r2 = 1 - np.sum((actual - values) ** 2) / np.sum((actual - actual.mean()) ** 2)
+    assert r2 == pytest.approx(prices.evaluation()["conveyor"]["value"], abs=1e-6)
+
+
+def test_bad_requests_name_the_row_and_column(churn):
+    good = {"tenure": 12, "contract": "monthly"}
+    with served(churn) as (inference, _):
+
+        def error(body, content_type="application/json"):
+            with pytest.raises(ValueError) as raised:
+                inference.input_fn(body if isinstance(body, str) else json.dumps(body), content_type)
+            return str(raised.value)
+
+        assert (
+            error({"instances": [good, {"contract": "monthly"}]})
+            == "instance 1: missing feature column 'tenure'"
+        )
+        assert error({"instances": [{"tenure": "abc", "contract": "x"}]}) == (
+            "instance 0: column 'tenure' must be a number, got 'abc'"
+        )
+        assert "instance 0: column 'tenure'" in error({"instances": [{"tenure": True, "contract": "x"}]})
+        assert "instance 0: column 'contract'" in error({"instances": [{"tenure": 1, "contract": [1]}]})
+        assert "instances" in error({"rows": [good]})
+        assert "instances" in error({"instances": []})
+        assert "at most 10000" in error({"instances": [good] * 10_001})
+        assert "not valid JSON" in error("{not json")
+        assert "content type" in error({"instances": [good]}, "text/csv")
+        # Unknown keys are ignored; null, "" and missing markers are imputed; charset parameters are fine.
+        data = inference.input_fn(
+            json.dumps(
+                {"instances": [{**good, "churned": 1, "extra": "x"}, {"tenure": None, "contract": "NA"}]}
+            ),
+            "application/json; charset=utf-8",
+        )
+        assert data.shape == (2, 1 + 3)
+        with pytest.raises(ValueError, match="cannot answer"):
+            inference.output_fn([], "text/csv")
+
+
+def test_handlers_take_the_arguments_the_serving_toolkit_passes(churn):
+    # sagemaker-inference passes a request context only to a handler with one parameter more than this.
+    with served(churn) as (inference, _):
+        counts = {
+            name: len(inspect.signature(getattr(inference, name)).parameters)
+            for name in ("model_fn", "input_fn", "predict_fn", "output_fn")
+        }
+        error = inference.InvalidInput("instance 0: missing feature column 'tenure'")
+    assert counts == {"model_fn": 1, "input_fn": 2, "predict_fn": 2, "output_fn": 2}
+    assert (error.status_code, str(error)) == (400, "instance 0: missing feature column 'tenure'")
+
+
+# --- the recipe's parts, in process ----------------------------------------------------------------------
+
+
+@pytest.fixture
+def training_modules():
+    with modules_from(TRAINING) as load:
+        yield load
+
+
+def test_a_missing_channel_fails_with_a_reason_sagemaker_reports(tmp_path, monkeypatch, training_modules):
+    for name in (
+        "SM_CHANNEL_TRAIN",
+        "SM_CHANNEL_VALIDATION",
+        "SM_CHANNEL_TEST",
+        "SM_CHANNEL_MANIFEST",
+        "SM_HPS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SM_OUTPUT_DIR", str(tmp_path / "output"))
+    train = training_modules("train")
+    assert train.main(["--train", str(tmp_path), "--validation", str(tmp_path), "--test", str(tmp_path)]) == 1
+    reason = (tmp_path / "output" / "failure").read_text()
+    assert "missing channel(s) manifest" in reason and "SM_CHANNEL_MANIFEST" in reason
+
+
+def test_an_empty_split_fails_with_a_reason_sagemaker_reports(tmp_path, monkeypatch, training_modules):
+    rows = churn_rows(100, random.Random(5))
+    manifest = manifest_for(
+        rows[:80],
+        "classification",
+        "churned",
+        {"tenure": "numeric", "contract": "categorical"},
+        labels=[0, 1],
+    )
+    channels = write_channels(tmp_path / "input", rows, manifest)
+    (channels["validation"] / "part-00000.csv").write_text("tenure,contract,churned\n")
+    monkeypatch.setenv("SM_OUTPUT_DIR", str(tmp_path / "output"))
+    train = training_modules("train")
+    argv = [f"--{name}={path}" for name, path in channels.items()]
+    argv += [
+        f"--model-dir={tmp_path / 'model'}",
+        f"--output-data-dir={tmp_path / 'output/data'}",
+        "--epochs=1",
+    ]
+    assert train.main(argv) == 1
+    assert "validation split is empty" in (tmp_path / "output" / "failure").read_text()
+    assert not (tmp_path / "model" / "model.pth").exists()
+
+
+def test_hyperparameters_come_from_sm_hps_and_arguments(monkeypatch, training_modules):
+    monkeypatch.setenv(
+        "SM_HPS", json.dumps({"epochs": 30, "hidden_units": "[16, 8]", "learning_rate": "0.01"})
+    )
+    for name in ("train", "validation", "test", "manifest"):
+        monkeypatch.setenv(f"SM_CHANNEL_{name.upper()}", f"/opt/ml/input/data/{name}")
+    train = training_modules("train")
+    args = train.parse_args(["--epochs", "5", "--sagemaker_program", "train.py"])
+    assert (args.epochs, args.hidden_units, args.learning_rate) == (5, (16, 8), 0.01)
+    assert args.train == "/opt/ml/input/data/train"
+    with pytest.raises(ValueError, match="batch_size=0"):
+        train.parse_args(["--batch-size", "0"])
+    with pytest.raises(ValueError, match="hidden_units"):
+        train.parse_args(["--hidden-units", "64,wide"])
+
+
+def test_the_encoder_survives_json_and_imputes_missing_values(training_modules):
+    data = training_modules("data")
+    encoder = data.Encoder(
+        task="classification",
+        target="y",
+        labels=[-1, 1],
+        features=[
+            {"name": "age", "type": "numeric", "mean": 40.0, "std": 10.0},
+            {"name": "plan", "type": "categorical", "categories": ["basic", "pro"]},
+        ],
+    )
+    copy = data.Encoder.from_config(json.loads(json.dumps(encoder.to_config())))
+    columns = {"age": ["50", " NA ", "n/a", "30"], "plan": ["pro", "null", "gold", " basic "]}
+    expected = np.array([[1, 0, 1, 0], [0, 0, 0, 1], [0, 0, 0, 1], [-1, 1, 0, 0]], dtype=np.float32)
+    np.testing.assert_array_equal(copy.encode(columns, 4), expected)
+    np.testing.assert_array_equal(copy.encode_target(["1", "-1", "+1", " 1"]), [1, 0, 1, 1])
+    with pytest.raises(data.DataError, match="not one of the manifest's labels"):
+        copy.encode_target(["2"])
+
+
+def test_auc_and_f1_agree_with_hand_computed_values(training_modules):
+    metrics = training_modules("metrics")
+    assert metrics.roc_auc(np.array([0.1, 0.4, 0.35, 0.8]), np.array([0, 0, 1, 1])) == pytest.approx(0.75)
+    assert metrics.roc_auc(np.array([0.5, 0.5]), np.array([0, 1])) == pytest.approx(0.5)
+    probabilities = np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.3, 0.7]])
+    evaluation = metrics.classification_evaluation(
+        probabilities, np.array([0, 1, 1, 1]), np.array([1, 1, 0]), ["no", "yes"]
+    )
+    binary = evaluation["binary_classification_metrics"]
+    assert binary["accuracy"]["value"] == pytest.approx(0.75)
+    assert binary["f1"]["value"] == pytest.approx(0.8)  # precision 1, recall 2/3
+    assert evaluation["conveyor"]["baseline"] == pytest.approx(0.75)  # train majority "yes"
+    assert binary["confusion_matrix"] == {"no": {"no": 1, "yes": 0}, "yes": {"no": 1, "yes": 2}}
