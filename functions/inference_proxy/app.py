@@ -7,7 +7,6 @@ Validates the request shape and size here, where a bad request is cheap, and let
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 from typing import Any
 
@@ -121,8 +120,11 @@ def _invoke_error(error: ClientError, endpoint: str, name: str) -> ApiError:
     if code == "ModelError":
         original = error.response.get("OriginalStatusCode") or 500
         message = error.response.get("OriginalMessage") or error.response["Error"].get("Message", "")
-        with contextlib.suppress(ValueError, KeyError, TypeError):
+        try:
             message = json.loads(message)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            # SageMaker's serving toolkit puts a traceback after the message; the client needs the message.
+            message = (str(message).strip().splitlines() or [""])[0]
         if 400 <= int(original) < 500:
             return ApiError(400, "InvalidInput", str(message))
         logger.error("model failed", extra={"endpoint": endpoint, "message": message})

@@ -184,3 +184,18 @@ def _empty_tarball() -> bytes:
     with tarfile.open(fileobj=buffer, mode="w:gz"):
         pass
     return buffer.getvalue()
+
+
+def test_a_toolkit_traceback_after_the_models_message_is_not_passed_to_clients(runtime):
+    runtime["sagemaker-runtime"].add_client_error(
+        "invoke_endpoint",
+        service_error_code="ModelError",
+        service_message="Received client error (400)",
+        http_status_code=424,
+        modeled_fields={
+            "OriginalStatusCode": 400,
+            "OriginalMessage": "instance 2: column 'age' must be a number, got 'x'\nTraceback (most recent call last):\n  ...",
+        },
+    )
+    status, body = request("/models/churn/predict", {"instances": [{"a": 1}]})
+    assert (status, body["error"]["message"]) == (400, "instance 2: column 'age' must be a number, got 'x'")
