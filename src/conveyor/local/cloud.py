@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import socket
 import sys
 import tarfile
@@ -159,6 +160,9 @@ class LocalCloud:
             else:
                 os.environ[key] = value
         self._saved_env.clear()
+        if self._own_workdir:
+            # A temporary directory of ours (jobs, models, certificates): nothing in it outlives the stack.
+            shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> LocalCloud:
         self.start()
