@@ -18,6 +18,7 @@ from typing import Any
 
 from conveyor import client
 from conveyor.client import ConveyorError, Target
+from conveyor.local.cloud import LocalCloudError
 
 log = logging.getLogger("conveyor")
 
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         return int(args.func(args))
-    except ConveyorError as error:
+    except (ConveyorError, LocalCloudError) as error:
         print(f"conveyor: {error}", file=sys.stderr)
         return 2
 

@@ -36,6 +36,22 @@ log = logging.getLogger("localcloud")
 LOCAL_PARAMETERS = {"PollIntervalSeconds": "1", "TrainingInstanceType": "ml.m5.xlarge"}
 
 
+class LocalCloudError(RuntimeError):
+    """The local stack cannot start; the message says what to change."""
+
+
+def _require_free(port: int, what: str, option: str) -> None:
+    # moto's server reports a taken port from its own thread and start() would wait forever.
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            raise LocalCloudError(
+                f"port {port} ({what}) is in use: stop what holds it, or pass {option} with another port "
+                "(0 picks a free one)"
+            ) from None
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -119,6 +135,9 @@ class LocalCloud:
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> dict[str, str]:
         """Start the emulator and the adapters, create the stack's resources; return the outputs."""
+        _require_free(self.port, "the AWS endpoint", "--port")
+        if self.api_port:
+            _require_free(self.api_port, "the HTTPS API", "--api-port")
         self._set_environment()
         self.runtime = LambdaRuntime(
             self._lambda_base_environment(), self.stack.region, self.stack.account_id
