@@ -160,3 +160,16 @@ def test_regression_reports_r2_against_the_mean(tmp_path):
             )
         )
         assert abs(answer["predictions"][0]["value"] - 15) < 3
+
+
+def test_preprocessing_and_training_agree_on_what_a_missing_value_is():
+    # Two copies by necessity: the Lambda package and the training image cannot import each other.
+    from preprocess.core import MISSING
+
+    sys.path.insert(0, str(ROOT / "training"))
+    try:
+        data = importlib.import_module("data")
+        assert data.MISSING_TOKENS == MISSING
+    finally:
+        sys.path.remove(str(ROOT / "training"))
+        sys.modules.pop("data", None)
