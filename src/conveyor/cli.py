@@ -46,9 +46,12 @@ def _configure_logging(verbose: bool) -> None:
         warnings.filterwarnings("ignore", message="No application metrics to publish")
 
 
-def _local_parameters(verbose: bool) -> dict[str, str]:
-    # The functions' own JSON logs (Powertools, level from the template's LogLevel) only when asked for.
-    return {} if verbose else {"LogLevel": "WARNING"}
+def _quiet_functions(verbose: bool) -> tuple[dict[str, str], dict[str, str]]:
+    """Template parameters and function environment that keep the functions' JSON logs and EMF metric
+    lines (Powertools) off the terminal unless asked for; the log level is the template's LogLevel."""
+    if verbose:
+        return {}, {}
+    return {"LogLevel": "WARNING"}, {"POWERTOOLS_METRICS_DISABLED": "true"}
 
 
 def _target(args: argparse.Namespace) -> Target:
@@ -59,11 +62,13 @@ def _target(args: argparse.Namespace) -> Target:
 def cmd_local_up(args: argparse.Namespace) -> int:
     from conveyor.local.cloud import LocalCloud
 
+    parameters, lambda_environment = _quiet_functions(args.verbose)
     cloud = LocalCloud(
         port=args.port,
         api_port=args.api_port,
         workdir=args.workdir,
-        parameters=_local_parameters(args.verbose),
+        parameters=parameters,
+        lambda_environment=lambda_environment,
     )
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -90,7 +95,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     sample = args.file or Path(str(resources.files("conveyor") / "samples" / "churn.csv"))
     started = time.monotonic()
     print("1/4 starting the local stack (moto + adapters, from template.yaml)…", flush=True)
-    with LocalCloud(workdir=args.workdir, parameters=_local_parameters(args.verbose)) as cloud:
+    parameters, lambda_environment = _quiet_functions(args.verbose)
+    with LocalCloud(
+        workdir=args.workdir, parameters=parameters, lambda_environment=lambda_environment
+    ) as cloud:
         outputs = cloud.outputs
         args.outputs_file.parent.mkdir(parents=True, exist_ok=True)
         args.outputs_file.write_text(json.dumps(outputs, indent=2) + "\n")

@@ -87,6 +87,10 @@ class LocalCloud:
         Port of the HTTPS API; 0 picks a free one.
     workdir
         Where jobs, endpoints and certificates keep their files; a temporary directory by default.
+    parameters
+        Template parameter values, over local mode's own defaults.
+    lambda_environment
+        Extra environment for every function, beneath what the template sets (e.g. to quiet Powertools).
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class LocalCloud:
         workdir: Path | None = None,
         stack_name: str = "conveyor",
         parameters: dict[str, str] | None = None,
+        lambda_environment: dict[str, str] | None = None,
     ) -> None:
         self.root = root or project_root()
         self.port = port or _free_port()
@@ -105,6 +110,11 @@ class LocalCloud:
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="conveyor-local-"))
         self.stack = Stack(self.root, stack_name, {**LOCAL_PARAMETERS, **(parameters or {})})
+        self._lambda_environment = {
+            # X-Ray has no local daemon; Powertools' tracer is a no-op when told so.
+            "POWERTOOLS_TRACE_DISABLED": "true",
+            **(lambda_environment or {}),
+        }
         self.credentials = ("AKIA" + secrets.token_hex(8).upper(), secrets.token_urlsafe(30))
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
         self._server: ThreadedMotoServer | None = None
@@ -139,9 +149,7 @@ class LocalCloud:
         if self.api_port:
             _require_free(self.api_port, "the HTTPS API", "--api-port")
         self._set_environment()
-        self.runtime = LambdaRuntime(
-            self._lambda_base_environment(), self.stack.region, self.stack.account_id
-        )
+        self.runtime = LambdaRuntime(self._lambda_environment, self.stack.region, self.stack.account_id)
         self.runtime.install()
         self.training.install()
         self.hosting.install()
@@ -205,13 +213,6 @@ class LocalCloud:
             os.environ[key] = value
         os.environ.pop("AWS_SESSION_TOKEN", None)
         os.environ.pop("AWS_PROFILE", None)
-
-    def _lambda_base_environment(self) -> dict[str, str]:
-        return {
-            # X-Ray has no local daemon; Powertools' tracer is a no-op when told so.
-            "POWERTOOLS_TRACE_DISABLED": "true",
-            "POWERTOOLS_DEV": "false",
-        }
 
     # ------------------------------------------------------------------ resources
     def _create_resources(self) -> None:
