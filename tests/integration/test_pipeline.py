@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import io
 import json
 import random
@@ -278,3 +279,82 @@ def test_the_cli_client_follows_an_upload(cloud, outputs_file, tmp_path):
     errors = [abs(p["value"] - r["price"]) for p, r in zip(answer["predictions"], rows[:50], strict=True)]
     spread = max(r["price"] for r in rows) - min(r["price"] for r in rows)
     assert sum(errors) / len(errors) < 0.1 * spread
+
+
+def _shaped_dataset(shape: str) -> tuple[bytes, str]:
+    """Datasets unlike the samples: target position and name, delimiter, line ends, compression, labels."""
+    rng = random.Random(shape)
+    out = io.StringIO()
+    if shape == "booleans-in-the-middle":
+        writer = csv.writer(out)
+        writer.writerow(["x", "Label", "y"])
+        for _ in range(600):
+            x, y = rng.gauss(0, 1), rng.gauss(0, 1)
+            writer.writerow(
+                [round(x, 3), "True" if x + 0.5 * y + rng.gauss(0, 0.5) > 0 else "False", round(y, 3)]
+            )
+        return out.getvalue().encode(), "data.csv"
+    if shape == "semicolons-five-classes":
+        writer = csv.writer(out, delimiter=";")
+        writer.writerow(["feature one", "grp", "kind"])
+        for _ in range(1000):
+            c = rng.randrange(5)
+            writer.writerow([round(c + rng.gauss(0, 0.6), 3), rng.choice(["u", "v"]), f"class_{c}"])
+        return out.getvalue().encode(), "five.csv"
+    if shape == "tabs-crlf-target-first":
+        writer = csv.writer(out, delimiter="\t", lineterminator="\r\n")
+        writer.writerow(["target", "m", "n"])
+        for _ in range(700):
+            t = rng.randrange(3)
+            writer.writerow([t, round(t * 2 + rng.gauss(0, 1), 2), rng.choice("pq")])
+        return out.getvalue().encode(), "t.csv"
+    writer = csv.writer(out)  # gzip, an ID column, a mostly-missing column, a numeric target
+    writer.writerow(["id", "a", "sparse", "out"])
+    for i in range(800):
+        a = rng.uniform(0, 5)
+        writer.writerow(
+            [
+                i,
+                round(a, 3),
+                "" if rng.random() < 0.3 else round(rng.random(), 2),
+                round(2 * a + rng.gauss(0, 0.3), 4),
+            ]
+        )
+    return gzip.compress(out.getvalue().encode()), "x.csv.gz"
+
+
+@pytest.mark.parametrize(
+    "shape",
+    ["booleans-in-the-middle", "semicolons-five-classes", "tabs-crlf-target-first", "gzip-regression"],
+)
+def test_datasets_of_other_shapes_train_and_serve(cloud, outputs_file, tmp_path, shape):
+    body, name = _shaped_dataset(shape)
+    path = tmp_path / name
+    path.write_bytes(body)
+    target = client.load_target(outputs_file)
+    result = client.follow(
+        target, client.upload(target, path, shape), on_progress=lambda _: None, timeout=300
+    )
+    assert result["status"] == "SUCCEEDED" and result["outcome"] == "deployed", result
+    assert result["value"] > result["baseline"] + 0.2
+    text = (gzip.decompress(body) if name.endswith(".gz") else body).decode()
+    delimiter = csv.Sniffer().sniff(text[:2000], delimiters=",;\t").delimiter
+    rows = list(csv.DictReader(io.StringIO(text), delimiter=delimiter))[:300]
+    column = {
+        "booleans-in-the-middle": "Label",
+        "semicolons-five-classes": "kind",
+        "tabs-crlf-target-first": "target",
+        "gzip-regression": "out",
+    }[shape]
+    predictions = client.predict(target, shape, [{k: v for k, v in r.items() if k != column} for r in rows])[
+        "predictions"
+    ]
+    if column == "out":
+        errors = [abs(p["value"] - float(r[column])) for p, r in zip(predictions, rows, strict=True)]
+        assert sum(errors) / len(errors) < 1.0  # the target spans 0..10
+    else:
+        accuracy = sum(str(p["label"]) == r[column] for p, r in zip(predictions, rows, strict=True)) / len(
+            rows
+        )
+        majority = Counter(r[column] for r in rows).most_common(1)[0][1] / len(rows)
+        assert accuracy > majority + 0.2, (accuracy, majority)
