@@ -23,7 +23,7 @@ class Settings:
     artifacts_bucket: str = ""
     state_machine_arn: str = ""
     notification_topic_arn: str = ""
-    max_request_bytes: int = 1_048_576
+    max_request_bytes: int = 5_242_880
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

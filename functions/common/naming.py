@@ -15,7 +15,6 @@ SLUG_MAX = 40
 # Where the training jobs' source directory (training/ as sourcedir.tar.gz) lives in ArtifactsBucket.
 TRAINING_CODE_KEY = "code/training/sourcedir.tar.gz"
 _NOT_SLUG = re.compile(r"[^a-z0-9]+")
-SLUG_PATTERN = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,38}[a-z0-9])?$")
 
 
 def slugify(name: str) -> str:

@@ -18,7 +18,7 @@ from botocore.exceptions import ClientError
 
 from common import aws
 from common.config import Settings
-from common.naming import SLUG_PATTERN, endpoint_name
+from common.naming import endpoint_name, slugify
 
 logger = Logger()
 tracer = Tracer()
@@ -44,9 +44,12 @@ def _json(status: int, body: dict[str, Any]) -> Response:
 
 
 def _endpoint_for(name: str, settings: Settings) -> str:
-    if not SLUG_PATTERN.match(name):
-        raise ApiError(404, "ModelNotFound", f"no model named {name!r}")
-    return endpoint_name(settings.stack_name, name)
+    # The dataset's folder name (datasets/Iris_Data/) and its slug (iris-data) both name the model.
+    try:
+        slug = slugify(name)
+    except ValueError:
+        raise ApiError(404, "ModelNotFound", f"no model named {name!r}") from None
+    return endpoint_name(settings.stack_name, slug)
 
 
 def _body_bytes() -> bytes:

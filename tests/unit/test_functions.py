@@ -199,3 +199,21 @@ def test_a_toolkit_traceback_after_the_models_message_is_not_passed_to_clients(r
     )
     status, body = request("/models/churn/predict", {"instances": [{"a": 1}]})
     assert (status, body["error"]["message"]) == (400, "instance 2: column 'age' must be a number, got 'x'")
+
+
+def test_the_dataset_folder_name_and_its_slug_name_the_same_model(runtime):
+    for _ in range(2):
+        runtime["sagemaker-runtime"].add_response(
+            "invoke_endpoint",
+            {"Body": body_of({"predictions": [{"value": 1.0}]}), "InvokedProductionVariant": "v"},
+            {
+                "EndpointName": "conveyor-my-churn-v2",
+                "ContentType": "application/json",
+                "Accept": "application/json",
+                "Body": json.dumps({"instances": [{"a": 1}]}).encode(),
+            },
+        )
+    assert request("/models/My_Churn.v2/predict", {"instances": [{"a": 1}]})[0] == 200
+    assert request("/models/my-churn-v2/predict", {"instances": [{"a": 1}]})[0] == 200
+    runtime["sagemaker-runtime"].assert_no_pending_responses()
+    assert request("/models/__/predict", {"instances": [{"a": 1}]})[0] == 404
