@@ -25,7 +25,7 @@ import requests
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
-from conveyor.local.hosting import HostingAdapter
+from conveyor.local.hosting import HostingAdapter, free_port
 from conveyor.local.lambdas import FunctionSpec, LambdaRuntime, SqsEventSource
 from conveyor.local.template import Stack
 from conveyor.local.training import TrainingAdapter
@@ -50,12 +50,6 @@ def _require_free(port: int, what: str, option: str) -> None:
                 f"port {port} ({what}) is in use: stop what holds it, or pass {option} with another port "
                 "(0 picks a free one)"
             ) from None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def project_root() -> Path:
@@ -105,7 +99,7 @@ class LocalCloud:
         lambda_environment: dict[str, str] | None = None,
     ) -> None:
         self.root = root or project_root()
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.api_port = api_port
         self._own_workdir = workdir is None
         self.workdir = workdir or Path(tempfile.mkdtemp(prefix="conveyor-local-"))

@@ -64,7 +64,8 @@ class Server:
     model_dir: Path
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -199,7 +200,7 @@ class HostingAdapter:
             tar.extractall(model_dir, filter="data")
         if not (model_dir / "code" / "inference.py").exists():
             raise ValueError("model.tar.gz has no code/inference.py")
-        port = _free_port()
+        port = free_port()
         log_file = (model_dir.parent / "server.log").open("wb")
         process = subprocess.Popen(
             [
