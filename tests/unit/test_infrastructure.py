@@ -121,7 +121,7 @@ def test_moto_still_has_the_hooks_local_mode_patches():
     """Fails loudly when a moto upgrade moves what the adapters replace (docs/local-mode.md)."""
     from moto.awslambda.models import LambdaFunction
     from moto.sagemaker.models import FakeEndpoint, FakeTrainingJob, SageMakerModelBackend
-    from moto.sagemakerruntime.models import SageMakerRuntimeBackend
+    from moto.sagemakerruntime.responses import SageMakerRuntimeResponse
 
     assert hasattr(LambdaFunction, "_invoke_lambda")
     for name in (
@@ -132,7 +132,7 @@ def test_moto_still_has_the_hooks_local_mode_patches():
         "describe_model",
     ):
         assert hasattr(SageMakerModelBackend, name), name
-    assert hasattr(SageMakerRuntimeBackend, "invoke_endpoint")
+    assert hasattr(SageMakerRuntimeResponse, "invoke_endpoint")
     assert "training_job_status" in FakeTrainingJob.__init__.__code__.co_names
     assert "endpoint_status" in FakeEndpoint.__init__.__code__.co_names
     assert not hasattr(SageMakerModelBackend, "update_endpoint"), (
