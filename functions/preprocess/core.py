@@ -1,5 +1,11 @@
-"""Validate, profile and split one uploaded CSV in a single streaming pass. No AWS here: the handler gives
-this module a byte stream and a way to open the split files, and gets back the manifest (docs/contracts.md).
+"""Validate, clean, profile and split one uploaded dataset (CSV or JSON Lines) in a single streaming pass.
+
+No AWS here: the caller gives this module a byte stream and a way to open the split files, and gets back
+the manifest (docs/contracts.md, section 2). The cleaning rules are written down in docs/preprocessing.md;
+this module is their implementation.
+
+Memory stays flat as the file grows: rows are read one line at a time (with a length limit), handled in
+chunks, written straight to the split writers, and profiled with bounded state per column.
 """
 
 from __future__ import annotations
@@ -7,27 +13,85 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
+import json
 import math
+import operator
 import re
+import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from gzip import BadGzipFile
 from typing import IO, Any
 
 from common.errors import DatasetRejected
 
 SPLITS = ("train", "validation", "test")
+FORMATS = ("csv", "jsonl")
 MISSING = frozenset({"", "na", "n/a", "nan", "null", "none"})
+# Every letter-case spelling of the missing markers, so a marker is found by one set lookup.
+_MISSING_ANY_CASE = frozenset(
+    "".join(chars)
+    for marker in MISSING
+    for chars in itertools.product(*({c.lower(), c.upper()} for c in marker))
+)
 TARGET_NAMES = ("target", "label")
 MIN_ROWS = 50
+MIN_ROWS_PER_CLASS = 5
 MAX_CATEGORIES = 50
-MAX_TRACKED_DISTINCT = 20_000
 MAX_CLASSES = 100
+MAX_VOCABULARY = 20_000
 CLASSIFICATION_MAX_DISTINCT_NUMERIC = 20
+# A column counts as numeric when at most this share of its present values fail to parse; those values
+# are treated as missing (counted in the column's stats as `invalid`).
+MAX_INVALID_NUMERIC_SHARE = 0.01
+# Above this share of unusable rows (wrong field count, broken JSON), the file is rejected, not cleaned.
+MAX_BROKEN_ROW_SHARE = 0.1
 DELIMITERS = ",;\t|"
+CHUNK_ROWS = 2048
+SAMPLE_LIMIT = 5
+FORMULA_PREFIXES = ("=", "+", "-", "@")
 _INTEGER = re.compile(r"^[+-]?\d+$")
 _ID_NAME = re.compile(r"(^|[^a-z])(id|uuid|guid|key|index)$|^unnamed", re.IGNORECASE)
+_TOKEN = re.compile(r"\w+")
+# Text columns are recognised on the first chunk: non-numeric values with this many words on average.
+TEXT_MIN_MEAN_TOKENS = 3.0
+# A column with this many non-numeric values, more than half of those seen, is not numeric.
+SETTLE_NON_NUMERIC = 10_000
+
+
+# File name endings conveyor takes, and the format each one is read as.
+SUFFIXES = {".csv": "csv", ".csv.gz": "csv", ".jsonl": "jsonl", ".jsonl.gz": "jsonl"}
+# A compressed upload may inflate to this many times its size (at least MIN_INFLATED_BYTES); more is
+# treated as a decompression bomb. CSV and JSON Lines typically compress 5-20x.
+MAX_COMPRESSION_RATIO = 100
+MIN_INFLATED_BYTES = 256 << 20
+
+
+def format_of(key: str) -> str | None:
+    """`"csv"` or `"jsonl"` from the object key's ending; None for a file type conveyor does not take."""
+    lowered = key.lower()
+    return next((fmt for suffix, fmt in SUFFIXES.items() if lowered.endswith(suffix)), None)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one file may be; anything beyond is quarantined with the limit named (docs/preprocessing.md)."""
+
+    max_columns: int = 2_000
+    max_line_chars: int = 1 << 20
+    max_bytes: int | None = None  # decompressed bytes; the caller sets it from the object's size
+    max_tracked_distinct: int = 2_000_000  # distinct values tracked over all columns together
+    max_dedup_rows: int = 1_000_000  # rows whose fingerprints are kept for duplicate detection
+
+    @classmethod
+    def for_object(cls, key: str, size: int | None) -> Limits:
+        """Limits for one uploaded object: a compressed one may inflate only so far."""
+        if size is None or not key.lower().endswith(".gz"):
+            return cls()
+        return cls(max_bytes=max(MIN_INFLATED_BYTES, size * MAX_COMPRESSION_RATIO))
 
 
 @dataclass(frozen=True)
@@ -38,52 +102,86 @@ class DatasetSpec:
     task: str | None = None
     metric: str | None = None
     threshold: float | None = None
+    drop_duplicates: bool = True
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+
+    KEYS = frozenset({"target", "task", "metric", "threshold", "drop_duplicates", "hyperparameters"})
 
     @classmethod
     def from_json(cls, document: Any) -> DatasetSpec:
         if not isinstance(document, dict):
             raise DatasetRejected("conveyor.json must be a JSON object")
-        unknown = set(document) - {"target", "task", "metric", "threshold", "hyperparameters"}
+        unknown = set(document) - cls.KEYS
         if unknown:
-            raise DatasetRejected(f"conveyor.json has unknown keys: {', '.join(sorted(unknown))}")
+            raise DatasetRejected(
+                f"conveyor.json has unknown keys: {', '.join(sorted(unknown))}",
+                allowed=sorted(cls.KEYS),
+            )
         task = document.get("task")
         if task not in (None, "classification", "regression"):
             raise DatasetRejected(
                 f"conveyor.json: task must be 'classification' or 'regression', not {task!r}"
             )
+        target = document.get("target")
+        if target is not None and not isinstance(target, str):
+            raise DatasetRejected("conveyor.json: target must be a column name (a string)")
         threshold = document.get("threshold")
-        if threshold is not None and not isinstance(threshold, int | float):
+        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
             raise DatasetRejected("conveyor.json: threshold must be a number")
+        drop_duplicates = document.get("drop_duplicates", True)
+        if not isinstance(drop_duplicates, bool):
+            raise DatasetRejected("conveyor.json: drop_duplicates must be true or false")
         hps = document.get("hyperparameters") or {}
         if not isinstance(hps, dict):
             raise DatasetRejected("conveyor.json: hyperparameters must be an object")
         return cls(
-            target=document.get("target"),
+            target=target,
             task=task,
             metric=document.get("metric"),
             threshold=None if threshold is None else float(threshold),
+            drop_duplicates=drop_duplicates,
             hyperparameters=hps,
         )
 
 
 def is_missing(value: str) -> bool:
-    return value.strip().lower() in MISSING
+    return value.strip() in _MISSING_ANY_CASE
+
+
+def tokenize(text: str) -> list[str]:
+    """Words of a text value, as training and inference split them (docs/contracts.md, section 2)."""
+    return _TOKEN.findall(text.lower())
+
+
+def _fingerprint(row: list[str]) -> bytes:
+    return hashlib.blake2b("\x1f".join(row).encode("utf-8"), digest_size=8).digest()
+
+
+def _split_of_fingerprint(digest: bytes) -> str:
+    bucket = int.from_bytes(digest, "big") % 10
+    return "train" if bucket < 8 else ("validation" if bucket == 8 else "test")
 
 
 def split_of(row: list[str]) -> str:
     """Deterministic 80/10/10 split by a hash of the row, so a re-run writes identical files and
     duplicate rows never straddle train and test."""
-    digest = hashlib.blake2b("\x1f".join(row).encode("utf-8"), digest_size=8).digest()
-    bucket = int.from_bytes(digest, "big") % 10
-    return "train" if bucket < 8 else ("validation" if bucket == 8 else "test")
+    return _split_of_fingerprint(_fingerprint(row))
 
 
-class _HashingReader(io.RawIOBase):
-    """Passes bytes through while hashing them, so the content hash costs no second read."""
+def _sample(row: Iterable[str] | str, limit: int = 200) -> str:
+    """A row as it may appear in a report: shortened, and defused so no spreadsheet runs it as a formula."""
+    text = row if isinstance(row, str) else ",".join(row)
+    text = text[:limit] + ("…" if len(text) > limit else "")
+    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
 
-    def __init__(self, stream: IO[bytes]) -> None:
+
+class _Source(io.RawIOBase):
+    """Passes bytes through while hashing and counting them (the content hash costs no second read),
+    enforces the size limit, and turns a broken compressed stream into a rejection."""
+
+    def __init__(self, stream: IO[bytes], max_bytes: int | None) -> None:
         self._stream = stream
+        self._max_bytes = max_bytes
         self.sha256 = hashlib.sha256()
         self.bytes_read = 0
 
@@ -91,89 +189,390 @@ class _HashingReader(io.RawIOBase):
         return True
 
     def readinto(self, buffer: Any) -> int:
-        chunk = self._stream.read(len(buffer))
+        try:
+            chunk = self._stream.read(len(buffer))
+        except (EOFError, BadGzipFile, zlib.error) as exc:
+            raise DatasetRejected(
+                f"the compressed file is truncated or corrupt after {self.bytes_read:,} bytes: {exc}",
+                bytes_read=self.bytes_read,
+            ) from None
         if not chunk:
             return 0
         n = len(chunk)
         buffer[:n] = chunk
         self.sha256.update(chunk)
         self.bytes_read += n
+        if self._max_bytes is not None and self.bytes_read > self._max_bytes:
+            raise DatasetRejected(
+                f"the file is larger than {self._max_bytes:,} bytes once decompressed (a decompression "
+                "bomb, or too big for this preprocessing step)",
+                limit_bytes=self._max_bytes,
+            )
         return n
 
 
-class _Column:
-    """Running profile of one column: types over all rows, statistics over the train split."""
+class _Lines:
+    """Text lines with a length limit, so one endless line cannot fill memory."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, text: IO[str], max_chars: int) -> None:
+        self._text = text
+        self.max_chars = max_chars
+        self.number = 0
+
+    def __iter__(self) -> Iterator[str]:
+        readline, limit = self._text.readline, self.max_chars + 2
+        while True:
+            try:
+                line = readline(limit)
+            except UnicodeDecodeError as exc:
+                raise DatasetRejected(
+                    f"line {self.number + 1} is not UTF-8 text: save the file as UTF-8",
+                    line=self.number + 1,
+                    detail=str(exc),
+                ) from None
+            if not line:
+                return
+            self.number += 1
+            if len(line) > self.max_chars and len(line.rstrip("\r\n")) > self.max_chars:
+                raise DatasetRejected(
+                    f"line {self.number} is longer than {self.max_chars:,} characters",
+                    line=self.number,
+                    limit_chars=self.max_chars,
+                    sample=_sample(line),
+                )
+            yield line
+
+
+class _Broken:
+    """A record that cannot become a row (e.g. a line that is not JSON), with the reason it is dropped."""
+
+    __slots__ = ("reason", "text")
+
+    def __init__(self, reason: str, text: str) -> None:
+        self.reason = reason
+        self.text = text
+
+
+@dataclass
+class _Table:
+    """A parsed file: its header, an iterator of (row, line to write as is or None), and the line number
+    the last row ended on."""
+
+    header: list[str]
+    rows: Iterator[tuple[list[str] | _Broken, str | None]]
+    line: Callable[[], int]
+
+
+def _csv_table(lines: _Lines, delimiter: str) -> _Table:
+    """CSV rows. A line without quotes is split directly and, for comma files, written out as it came
+    (the common case, several times faster than parsing and re-serialising it); a line with quotes is
+    parsed by the csv module, together with the following lines when a quoted field spans them."""
+    source = iter(lines)
+    position = [0]
+    passthrough = delimiter == ","
+
+    def records() -> Iterator[tuple[list[str] | _Broken, str | None]]:
+        for line in source:
+            if '"' not in line:
+                position[0] = lines.number
+                body = line.rstrip("\r\n")
+                yield body.split(delimiter), (body + "\n" if passthrough else None)
+                continue
+            first = lines.number
+            buffer, quotes, size = [line], line.count('"'), len(line)
+            while quotes % 2 and size <= lines.max_chars:
+                following = next(source, None)
+                if following is None:
+                    break
+                buffer.append(following)
+                quotes += following.count('"')
+                size += len(following)
+            if quotes % 2 and _unclosed(buffer, delimiter):
+                raise DatasetRejected(
+                    f"a quoted field opened on line {first} never closes (checked up to line {lines.number})",
+                    line=first,
+                    sample=_sample(buffer[0]),
+                )
+            reader = csv.reader(buffer, delimiter=delimiter)
+            try:
+                for row in reader:
+                    position[0] = first + reader.line_num - 1
+                    yield row, None
+            except csv.Error as exc:
+                raise DatasetRejected(
+                    f"the CSV cannot be parsed from line {first}: {exc} (a quoted field that never closes?)",
+                    line=first,
+                    sample=_sample(buffer[0]),
+                ) from None
+
+    rows = records()
+    try:
+        header, _ = next(rows)
+    except StopIteration:
+        raise DatasetRejected("the file is empty") from None
+    assert isinstance(header, list)
+    return _Table([h.strip() for h in header], rows, lambda: position[0])
+
+
+def _unclosed(buffer: list[str], delimiter: str) -> bool:
+    """Whether the csv module, reading these lines strictly, finds a quoted field still open at the end."""
+    try:
+        for _ in csv.reader(buffer, delimiter=delimiter, strict=True):
+            pass
+    except csv.Error:
+        return True
+    return False
+
+
+def _json_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float):
+        return json.dumps(value)
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+
+
+def _jsonl_table(lines: _Lines, extra_keys: Counter[str]) -> _Table:
+    """JSON Lines: the first object's keys are the columns; a key missing later is a missing value, a key
+    not in the first object is counted in `extra_keys` (and reported), broken lines are dropped rows."""
+    iterator = iter(lines)
+    header: list[str] | None = None
+    early: list[tuple[int, list[str] | _Broken]] = []
+    for line in iterator:
+        if not line.strip():
+            continue
+        record = _json_record(line)
+        if isinstance(record, dict):
+            header = list(record)
+            early.append((lines.number, [_json_cell(v) for v in record.values()]))
+            break
+        early.append((lines.number, _Broken(record, _sample(line))))
+        if len(early) > 100:
+            break
+    if header is None:
+        if not early:
+            raise DatasetRejected("the file is empty")
+        raise DatasetRejected(
+            "no line in the first 100 is a JSON object: JSON Lines needs one object per line",
+            samples=[b.text for _, b in early[:SAMPLE_LIMIT] if isinstance(b, _Broken)],
+        )
+    known = frozenset(header)
+    position = [0]
+
+    def rows() -> Iterator[tuple[list[str] | _Broken, str | None]]:
+        for line, row in early:
+            position[0] = line
+            yield row, None
+        for line in iterator:
+            if not line.strip():
+                continue
+            position[0] = lines.number
+            record = _json_record(line)
+            if not isinstance(record, dict):
+                yield _Broken(record, _sample(line)), None
+                continue
+            if not known.issuperset(record):
+                extra_keys.update(k for k in record if k not in known)
+            yield [_json_cell(record.get(k)) for k in header], None
+
+    return _Table(header, rows(), lambda: position[0])
+
+
+def _json_record(line: str) -> dict[str, Any] | str:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return "invalid_json"
+    return value if isinstance(value, dict) else "not_a_json_object"
+
+
+class _Column:
+    """Running profile of one column, fed a chunk of values at a time: types and distinct values over all
+    rows, statistics over the train split. Every piece of state is bounded."""
+
+    def __init__(self, name: str, max_distinct: int) -> None:
         self.name = name
+        self.max_distinct = max_distinct
         self.present = 0
         self.missing = 0
         self.non_numeric = 0
+        self.non_numeric_examples: list[str] = []
         self.non_integer = 0
+        self.formula_like = 0
+        self.equals_target = 0
         self.distinct: set[str] | None = set()
-        # Welford's running mean/variance over train rows.
+        self.all_values: Counter[str] | None = None  # the target's class counts over every split
+        self.text = False
+        # Set once a column has shown many non-numbers, mostly: it stops parsing values as numbers.
+        self.settled_non_numeric = False
+        # Train-split statistics: Chan/Welford running mean and sum of squared deviations.
         self.train_count = 0
         self.train_missing = 0
+        self.train_numbers = 0
         self.mean = 0.0
         self.m2 = 0.0
         self.low = math.inf
         self.high = -math.inf
-        self.train_values: Counter[str] = Counter()
+        self.train_values: Counter[str] | None = Counter()
+        self.vocabulary: Counter[str] = Counter()
+        self.vocabulary_pruned = False
+        self.token_total = 0
+        self.token_max = 0
 
-    def observe(self, value: str, in_train: bool) -> None:
-        value = value.strip()
-        if value.lower() in MISSING:
-            self.missing += 1
-            if in_train:
-                self.train_missing += 1
-            return
-        self.present += 1
-        if self.distinct is not None:
-            self.distinct.add(value)
-            if len(self.distinct) > MAX_TRACKED_DISTINCT:
-                self.distinct = None
-        number = _to_float(value)
-        if number is None:
-            self.non_numeric += 1
-        elif not _INTEGER.match(value) and not number.is_integer():
-            self.non_integer += 1
+    def observe(self, values: tuple[str, ...], in_train: bool) -> None:
+        stripped = list(map(str.strip, values))
+        if _MISSING_ANY_CASE.isdisjoint(stripped):
+            present = stripped
+        else:
+            present = [v for v in stripped if v not in _MISSING_ANY_CASE]
+        missing = len(stripped) - len(present)
+        self.missing += missing
+        self.present += len(present)
+        self._remember(present, in_train)
+        if self.all_values is not None:
+            self.all_values.update(present)
         if in_train:
-            self.train_count += 1
-            if len(self.train_values) < MAX_TRACKED_DISTINCT or value in self.train_values:
-                self.train_values[value] += 1
-            if number is not None:
-                delta = number - self.mean
-                self.mean += delta / self.train_count
-                self.m2 += delta * (number - self.mean)
-                self.low = min(self.low, number)
-                self.high = max(self.high, number)
+            self.train_missing += missing
+            self.train_count += len(present)
+            if self.text:
+                self._add_text(present)
+        if not present or self.settled_non_numeric:
+            return
+        try:  # The common case, all at C speed: every present value is a finite number.
+            numbers = list(map(float, present))
+            if not math.isfinite(sum(numbers)):
+                raise ValueError
+        except ValueError:
+            numbers = self._sort_out(present)
+        else:
+            if self.non_integer == 0 and not all(map(float.is_integer, numbers)):
+                self.non_integer += 1
+        if in_train and numbers:
+            self._add_numbers(numbers)
+        if self.non_numeric >= SETTLE_NON_NUMERIC and self.non_numeric * 2 > self.present:
+            self.settled_non_numeric = True
+
+    def _sort_out(self, present: list[str]) -> list[float]:
+        """Numbers and non-numbers of a chunk that is not all numeric, one parse per distinct value."""
+        numbers: list[float] = []
+        for value, count in Counter(present).items():
+            number = _to_float(value)
+            if number is None:
+                self.non_numeric += count
+                if len(self.non_numeric_examples) < 3 and value not in self.non_numeric_examples:
+                    self.non_numeric_examples.append(_sample(value, 40))
+                if value.startswith(FORMULA_PREFIXES):
+                    self.formula_like += count
+            else:
+                if self.non_integer == 0 and not number.is_integer():
+                    self.non_integer += 1
+                numbers.extend([number] * count)
+        return numbers
+
+    def _remember(self, present: list[str], in_train: bool) -> None:
+        if self.distinct is not None:
+            self.distinct.update(present)
+            if len(self.distinct) > self.max_distinct:
+                # Too many to be a category or a class: stop tracking (the column is text, an identifier,
+                # or a number), and drop the per-value counts with it.
+                self.distinct = None
+                self.train_values = None
+        if in_train and self.train_values is not None:
+            self.train_values.update(present)
+
+    def _add_numbers(self, numbers: list[float]) -> None:
+        n = len(numbers)
+        shift = numbers[0]
+        deltas = [x - shift for x in numbers]
+        total = sum(deltas)
+        batch_mean = shift + total / n
+        batch_m2 = max(sum(map(operator.mul, deltas, deltas)) - total * total / n, 0.0)
+        seen = self.train_numbers
+        combined = seen + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / combined
+        self.m2 += batch_m2 + delta * delta * seen * n / combined
+        self.train_numbers = combined
+        self.low = min(self.low, min(numbers))
+        self.high = max(self.high, max(numbers))
+
+    def _add_text(self, present: list[str]) -> None:
+        if not present:
+            return
+        # One regex pass over the chunk: tokens never span the separator.
+        tokens = _TOKEN.findall(" \n ".join(present).lower())
+        self.token_total += len(tokens)
+        self.token_max = max(self.token_max, len(tokenize(max(present, key=len))))
+        self.vocabulary.update(tokens)
+        if len(self.vocabulary) > 10 * MAX_VOCABULARY:
+            # Keep the most frequent tokens; the rare tail cannot make the final vocabulary anyway.
+            self.vocabulary = Counter(dict(self.vocabulary.most_common(2 * MAX_VOCABULARY)))
+            self.vocabulary_pruned = True
+
+    @staticmethod
+    def looks_like_text(values: tuple[str, ...]) -> bool:
+        """Mostly non-numeric values with several words each (judged on the first chunk of rows)."""
+        present = [v for v in values if not is_missing(v)]
+        if not present or sum(_to_float(v) is None for v in present) * 2 < len(present):
+            return False
+        return sum(len(v.split()) for v in present) / len(present) >= TEXT_MIN_MEAN_TOKENS
 
     @property
     def numeric(self) -> bool:
-        return self.present > 0 and self.non_numeric == 0
+        """Numeric, tolerating a few unparseable values (they count as missing)."""
+        numbers = self.present - self.non_numeric
+        return (
+            not self.settled_non_numeric
+            and numbers > 0
+            and self.non_numeric <= MAX_INVALID_NUMERIC_SHARE * self.present
+        )
+
+    @property
+    def strictly_numeric(self) -> bool:
+        return self.present > 0 and self.non_numeric == 0 and not self.settled_non_numeric
 
     @property
     def distinct_count(self) -> int | None:
         return None if self.distinct is None else len(self.distinct)
 
     def numeric_stats(self) -> dict[str, Any]:
-        std = math.sqrt(self.m2 / (self.train_count - 1)) if self.train_count > 1 else 0.0
-        return {
-            "count": self.train_count,
-            "missing": self.train_missing,
-            "mean": self.mean if self.train_count else 0.0,
-            "std": std,
-            "min": self.low if self.train_count else None,
-            "max": self.high if self.train_count else None,
+        n = self.train_numbers
+        stats: dict[str, Any] = {
+            "count": n,
+            "missing": self.train_missing + (self.train_count - n),
+            "mean": self.mean if n else 0.0,
+            "std": math.sqrt(self.m2 / (n - 1)) if n > 1 else 0.0,
+            "min": self.low if n else None,
+            "max": self.high if n else None,
         }
+        if self.non_numeric:
+            stats["invalid"] = self.non_numeric
+            stats["invalid_examples"] = self.non_numeric_examples
+        return stats
 
     def categorical_stats(self) -> dict[str, Any]:
+        assert self.train_values is not None
         ranked = sorted(self.train_values.items(), key=lambda kv: (-kv[1], kv[0]))
         return {
             "count": self.train_count,
             "missing": self.train_missing,
             "categories": [value for value, _ in ranked[:MAX_CATEGORIES]],
             "truncated": len(ranked) > MAX_CATEGORIES,
+        }
+
+    def text_stats(self) -> dict[str, Any]:
+        ranked = sorted(self.vocabulary.items(), key=lambda kv: (-kv[1], kv[0]))
+        return {
+            "count": self.train_count,
+            "missing": self.train_missing,
+            "mean_tokens": round(self.token_total / self.train_count, 2) if self.train_count else 0.0,
+            "max_tokens": self.token_max,  # of the longest value by characters
+            "vocabulary": [token for token, _ in ranked[:MAX_VOCABULARY]],
+            "truncated": self.vocabulary_pruned or len(ranked) > MAX_VOCABULARY,
         }
 
 
@@ -197,7 +596,7 @@ def _choose_target(header: list[str], spec: DatasetSpec, inferred: list[str]) ->
         if spec.target not in header:
             raise DatasetRejected(
                 f"conveyor.json names target column {spec.target!r}, which is not in the header",
-                columns=header,
+                columns=header[:100],
             )
         inferred.append(f"target: {spec.target!r} from conveyor.json")
         return header.index(spec.target)
@@ -212,10 +611,25 @@ def _choose_target(header: list[str], spec: DatasetSpec, inferred: list[str]) ->
     return len(header) - 1
 
 
-def _records(text: IO[str], delimiter: str) -> Iterator[tuple[int, list[str]]]:
-    reader = csv.reader(text, delimiter=delimiter)
-    for row in reader:
-        yield reader.line_num, row
+def _check_header(header: list[str], limits: Limits, delimiter: str | None) -> None:
+    if len(header) > limits.max_columns:
+        raise DatasetRejected(
+            f"the file has {len(header):,} columns; conveyor takes at most {limits.max_columns:,}",
+            limit_columns=limits.max_columns,
+        )
+    if len(header) < 2:
+        hint = f" (delimiter detected: {delimiter!r})" if delimiter else ""
+        raise DatasetRejected(
+            "the header has fewer than two columns: a dataset needs at least one feature and a target" + hint,
+            header=[_sample(h, 80) for h in header],
+        )
+    duplicates = sorted({h for h in header if header.count(h) > 1})
+    if duplicates or any(not h for h in header):
+        raise DatasetRejected(
+            "column names must be non-empty and unique",
+            duplicated=duplicates[:20],
+            empty_positions=[i + 1 for i, h in enumerate(header) if not h][:20],
+        )
 
 
 def preprocess(
@@ -224,8 +638,10 @@ def preprocess(
     spec: DatasetSpec,
     open_split: Callable[[str], Any],
     provenance: dict[str, Any],
+    fmt: str = "csv",
+    limits: Limits | None = None,
 ) -> dict[str, Any]:
-    """Stream `source` (CSV bytes) once: drop unusable rows, split, profile, and build the manifest.
+    """Stream `source` once: drop unusable rows, split, profile, and build the manifest.
 
     Parameters
     ----------
@@ -238,6 +654,10 @@ def preprocess(
         function raises, the context managers exit with the exception, so writers can discard the output.
     provenance
         `dataset`, `version`, `source` (bucket, key, version_id, etag, size): copied into the manifest.
+    fmt
+        `"csv"` (delimiter sniffed) or `"jsonl"` (one JSON object per line).
+    limits
+        Size limits; defaults to `Limits()`.
 
     Returns
     -------
@@ -249,123 +669,212 @@ def preprocess(
     DatasetRejected
         The file cannot be used for training; the reason says why.
     """
-    hashing = _HashingReader(source)
+    if fmt not in FORMATS:
+        raise ValueError(f"fmt must be one of {FORMATS}, not {fmt!r}")
+    limits = limits or Limits()
+    hashing = _Source(source, limits.max_bytes)
     buffered = io.BufferedReader(hashing, buffer_size=1 << 20)
     inferred: list[str] = []
-    # Peek, not read: the sniffing sample stays in the stream for the CSV reader.
-    sample = buffered.peek(64 * 1024)[: 64 * 1024].decode("utf-8-sig", errors="replace")
-    if not sample.strip():
+    # Peek, not read: the sniffing sample stays in the stream for the parser.
+    head = buffered.peek(64 * 1024)[: 64 * 1024]
+    if not head.strip():
         raise DatasetRejected("the file is empty")
-    delimiter = _sniff_delimiter(sample)
+    if b"\x00" in head:
+        raise DatasetRejected(
+            "the file is binary (it contains NUL bytes), or UTF-16 text: upload UTF-8 CSV or JSON Lines",
+            first_bytes=head[:16].hex(" "),
+        )
     text = io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="strict", newline="")
-    rows = _records(text, delimiter)
-
-    try:
-        _, header = next(rows)
-    except StopIteration:
-        raise DatasetRejected("the file is empty") from None
-    except (UnicodeDecodeError, csv.Error) as exc:
-        raise DatasetRejected(f"the header line cannot be read as UTF-8 CSV: {exc}") from None
-    header = [h.strip() for h in header]
-    if len(header) < 2:
-        raise DatasetRejected(
-            "the header has fewer than two columns: a dataset needs at least one feature and a target",
-            header=header,
-            delimiter=delimiter,
-        )
-    duplicates = sorted({h for h in header if header.count(h) > 1})
-    if duplicates or any(not h for h in header):
-        raise DatasetRejected(
-            "column names must be non-empty and unique", duplicated=duplicates, header=header
-        )
+    lines = _Lines(text, limits.max_line_chars)
+    extra_keys: Counter[str] = Counter()
+    delimiter: str | None = None
+    if fmt == "csv":
+        delimiter = _sniff_delimiter(head.decode("utf-8-sig", errors="replace"))
+        csv.field_size_limit(max(csv.field_size_limit(), limits.max_line_chars))
+        table = _csv_table(lines, delimiter)
+    else:
+        table = _jsonl_table(lines, extra_keys)
+    header = table.header
+    _check_header(header, limits, delimiter)
     target_index = _choose_target(header, spec, inferred)
-    columns = [_Column(name) for name in header]
-    dropped: Counter[str] = Counter()
-    dropped_samples: dict[str, list[int]] = {}
-    counts = dict.fromkeys(SPLITS, 0)
-    rows_read = 0
+    max_distinct = max(1_000, min(20_000, limits.max_tracked_distinct // len(header)))
+    columns = [_Column(name, max_distinct) for name in header]
+    target = columns[target_index]
+    target.all_values = Counter()
 
-    def drop(reason: str, line: int) -> None:
-        dropped[reason] += 1
-        dropped_samples.setdefault(reason, [])
-        if len(dropped_samples[reason]) < 5:
-            dropped_samples[reason].append(line)
-
+    state = _PassState(columns=columns, target_index=target_index, spec=spec, limits=limits)
     with ExitStack() as stack:
-        writers = {}
+        writers, handles = {}, {}
         for split in SPLITS:
-            handle = stack.enter_context(open_split(split))
+            handles[split] = handle = stack.enter_context(open_split(split))
             writers[split] = csv.writer(handle, lineterminator="\n")
             writers[split].writerow(header)
-        try:
-            for line, row in rows:
-                if not row or (len(row) == 1 and not row[0].strip()):
-                    continue  # blank line
-                rows_read += 1
-                if len(row) != len(header):
-                    drop("wrong_number_of_fields", line)
-                    continue
-                if is_missing(row[target_index]):
-                    drop("missing_target", line)
-                    continue
-                split = split_of(row)
-                counts[split] += 1
-                in_train = split == "train"
-                for column, value in zip(columns, row, strict=True):
-                    column.observe(value, in_train)
-                writers[split].writerow(row)
-        except UnicodeDecodeError as exc:
-            raise DatasetRejected(
-                "the file is not UTF-8 text", byte_offset=hashing.bytes_read, detail=str(exc)
-            ) from None
-        except csv.Error as exc:
-            raise DatasetRejected(f"the CSV cannot be parsed: {exc}") from None
+        first = True
+        while kept := state.clean(table):
+            if first:
+                _mark_text_columns(columns, kept, target_index, inferred)
+                first = False
+            for split, part in kept.items():
+                if part.rows:
+                    handles[split].write("".join(part.lines))
+                    writers[split].writerows(part.serialise)
+                    state.profile(part.rows, in_train=split == "train")
 
         manifest = _manifest(
             header=header,
-            target_index=target_index,
-            columns=columns,
+            state=state,
             spec=spec,
-            counts=counts,
-            rows_read=rows_read,
-            dropped=dropped,
-            dropped_samples=dropped_samples,
             inferred=inferred,
+            fmt=fmt,
             delimiter=delimiter,
+            extra_keys=extra_keys,
             provenance=provenance,
         )
     manifest["content_sha256"] = hashing.sha256.hexdigest()
     manifest["source"]["bytes_read"] = hashing.bytes_read
+    manifest["source"]["lines"] = lines.number
     return manifest
+
+
+@dataclass
+class _Kept:
+    """The rows of one split in a chunk: all of them (for profiling), as lines to write unchanged, and as
+    rows to serialise."""
+
+    rows: list[list[str]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+    serialise: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class _PassState:
+    """Row-level cleaning during the pass: what is kept, what is dropped and why."""
+
+    columns: list[_Column]
+    target_index: int
+    spec: DatasetSpec
+    limits: Limits
+    rows_read: int = 0
+    counts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    dropped: Counter[str] = field(default_factory=Counter)
+    dropped_lines: dict[str, list[int]] = field(default_factory=dict)
+    dropped_samples: dict[str, list[str]] = field(default_factory=dict)
+    seen: set[bytes] = field(default_factory=set)
+    dedup_complete: bool = True
+
+    def drop(self, reason: str, line: int, sample: list[str] | str) -> None:
+        self.dropped[reason] += 1
+        lines = self.dropped_lines.setdefault(reason, [])
+        if len(lines) < SAMPLE_LIMIT:
+            lines.append(line)
+            self.dropped_samples.setdefault(reason, []).append(_sample(sample))
+
+    def clean(self, table: _Table) -> dict[str, _Kept] | None:
+        """Take up to CHUNK_ROWS rows; return the kept ones by split, or None at the end of the file."""
+        width, target_index = len(self.columns), self.target_index
+        kept = {split: _Kept() for split in SPLITS}
+        by_bucket = (kept["train"],) * 8 + (kept["validation"], kept["test"])
+        dedup, seen, cap = self.spec.drop_duplicates, self.seen, self.limits.max_dedup_rows
+        blake2b, from_bytes, missing = hashlib.blake2b, int.from_bytes, _MISSING_ANY_CASE
+        taken = blank = 0
+        for row, line in itertools.islice(table.rows, CHUNK_ROWS):
+            taken += 1
+            if type(row) is not list:
+                assert isinstance(row, _Broken)
+                self.drop(row.reason, table.line(), row.text)
+                continue
+            if len(row) != width:
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    blank += 1  # a blank line is not a row
+                    continue
+                self.drop("wrong_number_of_fields", table.line(), row)
+                continue
+            if row[target_index].strip() in missing:
+                self.drop("missing_target", table.line(), row)
+                continue
+            try:
+                digest = blake2b("\x1f".join(row).encode(), digest_size=8).digest()
+            except UnicodeEncodeError:  # a lone surrogate from a JSON "\\ud800" escape
+                self.drop("invalid_unicode", table.line(), row)
+                continue
+            if dedup:
+                if digest in seen:
+                    self.drop("duplicate_row", table.line(), row)
+                    continue
+                if len(seen) < cap:
+                    seen.add(digest)
+                else:
+                    self.dedup_complete = False
+            target = by_bucket[from_bytes(digest, "big") % 10]
+            target.rows.append(row)
+            if line is None:
+                target.serialise.append(row)
+            else:
+                target.lines.append(line)
+        if not taken:
+            return None
+        self.rows_read += taken - blank
+        for split, rows in kept.items():
+            self.counts[split] += len(rows.rows)
+        return kept
+
+    def profile(self, rows: list[list[str]], in_train: bool) -> None:
+        by_column = list(zip(*rows, strict=True))
+        target_values = by_column[self.target_index]
+        for index, (column, values) in enumerate(zip(self.columns, by_column, strict=True)):
+            column.observe(values, in_train)
+            if index != self.target_index:
+                column.equals_target += sum(map(operator.eq, values, target_values))
+
+
+def _mark_text_columns(
+    columns: list[_Column], kept: dict[str, _Kept], target_index: int, inferred: list[str]
+) -> None:
+    rows = [row for split in SPLITS for row in kept[split].rows]
+    if not rows:
+        return
+    for index, values in enumerate(zip(*rows, strict=True)):
+        column = columns[index]
+        if index != target_index and column.looks_like_text(values):
+            column.text = True
+            inferred.append(f"text: column {column.name!r} (several words per value)")
 
 
 def _manifest(
     *,
     header: list[str],
-    target_index: int,
-    columns: list[_Column],
+    state: _PassState,
     spec: DatasetSpec,
-    counts: dict[str, int],
-    rows_read: int,
-    dropped: Counter[str],
-    dropped_samples: dict[str, list[int]],
     inferred: list[str],
-    delimiter: str,
+    fmt: str,
+    delimiter: str | None,
+    extra_keys: Counter[str],
     provenance: dict[str, Any],
 ) -> dict[str, Any]:
+    counts, dropped, rows_read = state.counts, state.dropped, state.rows_read
+    columns, target_index = state.columns, state.target_index
     used = sum(counts.values())
+    broken = sum(dropped[r] for r in ("wrong_number_of_fields", "invalid_json", "not_a_json_object"))
+    if rows_read and broken > rows_read * MAX_BROKEN_ROW_SHARE:
+        reasons = {r: dropped[r] for r in ("wrong_number_of_fields", "invalid_json", "not_a_json_object")}
+        what = (
+            f"a different number of fields than the header ({len(header)}, delimiter {delimiter!r})"
+            if fmt == "csv"
+            else "lines that are not JSON objects"
+        )
+        raise DatasetRejected(
+            f"{broken:,} of {rows_read:,} rows have {what}",
+            dropped={r: n for r, n in reasons.items() if n},
+            lines=state.dropped_lines,
+            samples=state.dropped_samples,
+        )
     if used < MIN_ROWS:
         raise DatasetRejected(
             f"only {used} usable rows (need at least {MIN_ROWS})",
             rows_read=rows_read,
             dropped=dict(dropped),
-            dropped_lines=dropped_samples,
-        )
-    if dropped["wrong_number_of_fields"] > rows_read * 0.1:
-        raise DatasetRejected(
-            f"{dropped['wrong_number_of_fields']} of {rows_read} rows have a different number of fields "
-            f"than the header ({len(header)}, delimiter {delimiter!r})",
-            lines=dropped_samples.get("wrong_number_of_fields"),
+            lines=state.dropped_lines,
+            samples=state.dropped_samples,
         )
     empty = [split for split, n in counts.items() if n == 0]
     if empty:
@@ -382,32 +891,17 @@ def _manifest(
     if not features:
         raise DatasetRejected(
             "no usable feature columns",
-            columns={c["name"]: c.get("reason") for c in described},
+            columns={c["name"]: c.get("reason") for c in described[:100]},
         )
 
     target_entry: dict[str, Any] = {"name": target.name, "role": "target"}
     labels: list[Any] | None = None
     if task == "classification":
-        class_counts = dict(sorted(target.train_values.items()))
-        if len(class_counts) < 2:
-            raise DatasetRejected(
-                f"the target {target.name!r} has a single class in the training split "
-                f"({next(iter(class_counts), 'none')!r}): nothing to learn",
-                class_counts=class_counts,
-            )
-        if target.distinct_count is None or target.distinct_count > MAX_CLASSES:
-            raise DatasetRejected(
-                f"the target {target.name!r} has more than {MAX_CLASSES} classes; "
-                'set "task": "regression" in conveyor.json if it is a number'
-            )
-        assert target.distinct is not None
-        all_labels = sorted(target.distinct)
-        if all(_INTEGER.match(v) for v in all_labels):
-            labels = sorted({int(v) for v in all_labels})
-        else:
-            labels = all_labels
+        labels = _check_classes(target)
+        assert target.train_values is not None
         target_entry.update(
-            type="categorical", stats={"count": target.train_count, "class_counts": class_counts}
+            type="categorical",
+            stats={"count": target.train_count, "class_counts": dict(sorted(target.train_values.items()))},
         )
     else:
         target_entry.update(type="numeric", stats=target.numeric_stats())
@@ -417,32 +911,95 @@ def _manifest(
         "dataset": provenance["dataset"],
         "version": provenance["version"],
         "source": dict(provenance["source"]),
-        "format": "csv",
-        "delimiter": delimiter,
+        "format": fmt,
+        "delimiter": delimiter or ",",
         "task": task,
+        "recipe": "text" if any(c.get("type") == "text" for c in features) else "tabular",
         "target": target.name,
     }
     if labels is not None:
         manifest["labels"] = labels
     ordered = [*described[:target_index], target_entry, *described[target_index:]]
+    warnings = _warnings(columns, target_index, state, extra_keys)
     manifest.update(
         columns=ordered,
         counts={"rows_read": rows_read, "rows_used": used, **counts},
         dropped=dict(dropped),
-        dropped_lines=dropped_samples,
+        dropped_lines=state.dropped_lines,
+        duplicates_checked="all rows"
+        if state.dedup_complete
+        else f"the first {state.limits.max_dedup_rows:,} distinct rows",
         inferred=inferred,
+        warnings=warnings,
     )
+    if not spec.drop_duplicates:
+        manifest["duplicates_checked"] = "off (conveyor.json drop_duplicates: false)"
     return manifest
+
+
+def _check_classes(target: _Column) -> list[Any]:
+    class_counts = dict(sorted((target.train_values or {}).items()))
+    if target.distinct_count is None or target.distinct_count > MAX_CLASSES:
+        raise DatasetRejected(
+            f"the target {target.name!r} has more than {MAX_CLASSES} classes; "
+            'set "task": "regression" in conveyor.json if it is a number'
+        )
+    if len(class_counts) < 2:
+        raise DatasetRejected(
+            f"the target {target.name!r} has a single class in the training split "
+            f"({next(iter(class_counts), 'none')!r}): nothing to learn",
+            class_counts=class_counts,
+        )
+    assert target.all_values is not None and target.distinct is not None
+    rare = {label: n for label, n in target.all_values.items() if n < MIN_ROWS_PER_CLASS}
+    if rare:
+        raise DatasetRejected(
+            f"{len(rare)} class(es) of the target {target.name!r} have fewer than {MIN_ROWS_PER_CLASS} "
+            "rows, too few to train and test on: add rows, merge those classes, or remove them",
+            rare_classes=dict(sorted(rare.items())[:20]),
+        )
+    all_labels = sorted(target.distinct)
+    if all(_INTEGER.match(v) for v in all_labels):
+        return sorted({int(v) for v in all_labels})
+    return all_labels
+
+
+def _warnings(
+    columns: list[_Column], target_index: int, state: _PassState, extra_keys: Counter[str]
+) -> list[str]:
+    warnings = []
+    for column in columns:
+        if column.formula_like:
+            warnings.append(
+                f"column {column.name!r}: {column.formula_like} value(s) start with = + - or @ and would run "
+                "as formulas if the split files were opened in a spreadsheet; they are kept as text"
+            )
+        if column.numeric and column.non_numeric and column is not columns[target_index]:
+            warnings.append(
+                f"column {column.name!r}: {column.non_numeric} value(s) are not numbers "
+                f"(e.g. {', '.join(map(repr, column.non_numeric_examples))}) and are treated as missing"
+            )
+    if extra_keys:
+        keys = ", ".join(f"{k!r} ({n})" for k, n in extra_keys.most_common(10))
+        warnings.append(f"keys absent from the first JSON object are ignored: {keys}")
+    if not state.dedup_complete:
+        warnings.append(
+            f"duplicate rows were detected among the first {state.limits.max_dedup_rows:,} distinct rows only"
+        )
+    return warnings
 
 
 def _choose_task(target: _Column, spec: DatasetSpec, inferred: list[str]) -> str:
     distinct = target.distinct_count
     if spec.task:
-        if spec.task == "regression" and not target.numeric:
-            raise DatasetRejected(f"conveyor.json says regression, but target {target.name!r} is not numeric")
+        if spec.task == "regression" and not target.strictly_numeric:
+            raise DatasetRejected(
+                f"conveyor.json says regression, but target {target.name!r} is not numeric",
+                examples=target.non_numeric_examples,
+            )
         inferred.append(f"task: {spec.task} from conveyor.json")
         return spec.task
-    if not target.numeric:
+    if not target.strictly_numeric:
         inferred.append(f"task: classification (target {target.name!r} is not numeric)")
         return "classification"
     if target.non_integer == 0 and distinct is not None and distinct <= CLASSIFICATION_MAX_DISTINCT_NUMERIC:
@@ -459,17 +1016,22 @@ def _describe_feature(column: _Column, rows: int) -> dict[str, Any]:
         return {**entry, "role": "ignored", "reason": "every value is missing"}
     if distinct == 1:
         return {**entry, "role": "ignored", "reason": "the same value in every row"}
+    if column.equals_target == rows:
+        return {**entry, "role": "ignored", "reason": "a copy of the target (it would leak the answer)"}
+    if column.text:
+        return {**entry, "role": "feature", "type": "text", "stats": column.text_stats()}
     unique_per_row = distinct is not None and distinct == column.present and column.present >= 20
     if column.numeric:
-        if unique_per_row and column.non_integer == 0 and _ID_NAME.search(column.name):
+        many = unique_per_row or distinct is None  # distinct per row, or too many distinct values to track
+        if many and column.non_integer == 0 and _ID_NAME.search(column.name):
             return {**entry, "role": "ignored", "reason": "identifier-like: a distinct integer in every row"}
         return {**entry, "role": "feature", "type": "numeric", "stats": column.numeric_stats()}
-    if unique_per_row:
+    if unique_per_row or (distinct is None and _ID_NAME.search(column.name)):
         return {**entry, "role": "ignored", "reason": "identifier-like: a distinct value in every row"}
     if distinct is None or distinct > max(MAX_CATEGORIES * 4, rows // 2):
         return {
             **entry,
             "role": "ignored",
-            "reason": f"free text or high-cardinality ({distinct or 'many'} values)",
+            "reason": f"high-cardinality text ({distinct or 'too many'} distinct values, few words each)",
         }
     return {**entry, "role": "feature", "type": "categorical", "stats": column.categorical_stats()}
