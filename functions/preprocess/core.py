@@ -18,6 +18,7 @@ import json
 import math
 import operator
 import re
+import typing
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -50,7 +51,7 @@ MAX_INVALID_NUMERIC_SHARE = 0.01
 # Above this share of unusable rows (wrong field count, broken JSON), the file is rejected, not cleaned.
 MAX_BROKEN_ROW_SHARE = 0.1
 DELIMITERS = ",;\t|"
-CHUNK_ROWS = 2048
+BLOCK_CHARS = 1 << 20  # text read and handled at a time
 SAMPLE_LIMIT = 5
 FORMULA_PREFIXES = ("=", "+", "-", "@")
 _INTEGER = re.compile(r"^[+-]?\d+$")
@@ -153,19 +154,17 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
-def _fingerprint(row: list[str]) -> bytes:
-    return hashlib.blake2b("\x1f".join(row).encode("utf-8"), digest_size=8).digest()
-
-
-def _split_of_fingerprint(digest: bytes) -> str:
-    bucket = int.from_bytes(digest, "big") % 10
-    return "train" if bucket < 8 else ("validation" if bucket == 8 else "test")
+# A row's cells joined by a separator that CSV and JSON values do not hold unescaped in practice. Its CRC-32
+# decides the split (stable across runs and machines); Python's 64-bit hash of it finds duplicates within
+# one run (randomised per process, which duplicate detection does not mind).
+_JOIN = "\x1f".join
+_SPLIT_OF_BUCKET = ("train",) * 8 + ("validation", "test")
 
 
 def split_of(row: list[str]) -> str:
     """Deterministic 80/10/10 split by a hash of the row, so a re-run writes identical files and
     duplicate rows never straddle train and test."""
-    return _split_of_fingerprint(_fingerprint(row))
+    return _SPLIT_OF_BUCKET[zlib.crc32(_JOIN(row).encode("utf-8")) % 10]
 
 
 def _sample(row: Iterable[str] | str, limit: int = 200) -> str:
@@ -212,35 +211,58 @@ class _Source(io.RawIOBase):
 
 
 class _Lines:
-    """Text lines with a length limit, so one endless line cannot fill memory."""
+    """Complete text lines, a block (about 1 MiB) at a time, with a length limit so one endless line cannot
+    fill memory. Line breaks are already normalised to "\n" by the text layer."""
 
     def __init__(self, text: IO[str], max_chars: int) -> None:
         self._text = text
         self.max_chars = max_chars
-        self.number = 0
+        self.number = 0  # lines handed out so far
+        self._carry = ""
+        self._done = False
 
-    def __iter__(self) -> Iterator[str]:
-        readline, limit = self._text.readline, self.max_chars + 2
-        while True:
+    def block(self) -> list[str]:
+        """The next complete lines without their line break; [] at the end of the file."""
+        while not self._done:
             try:
-                line = readline(limit)
+                data = self._text.read(BLOCK_CHARS)
             except UnicodeDecodeError as exc:
                 raise DatasetRejected(
-                    f"line {self.number + 1} is not UTF-8 text: save the file as UTF-8",
-                    line=self.number + 1,
+                    f"the file is not UTF-8 text (after line {self.number}): save it as UTF-8",
+                    after_line=self.number,
                     detail=str(exc),
                 ) from None
-            if not line:
-                return
-            self.number += 1
-            if len(line) > self.max_chars and len(line.rstrip("\r\n")) > self.max_chars:
-                raise DatasetRejected(
-                    f"line {self.number} is longer than {self.max_chars:,} characters",
-                    line=self.number,
-                    limit_chars=self.max_chars,
-                    sample=_sample(line),
-                )
-            yield line
+            if not data:
+                self._done = True
+                if not self._carry:
+                    return []
+                last, self._carry = self._carry, ""
+                self.number += 1
+                return [last]
+            data = self._carry + data
+            cut = data.rfind("\n")
+            if cut < 0:
+                self._carry = data
+                self._check(len(data), self.number + 1, data)
+                continue
+            lines = data[:cut].split("\n")
+            self._carry = data[cut + 1 :]
+            self._check(len(self._carry), self.number + len(lines) + 1, self._carry)
+            if max(map(len, lines)) > self.max_chars:
+                index = next(i for i, line in enumerate(lines) if len(line) > self.max_chars)
+                self._check(len(lines[index]), self.number + index + 1, lines[index])
+            self.number += len(lines)
+            return lines
+        return []
+
+    def _check(self, length: int, line: int, text: str) -> None:
+        if length > self.max_chars:
+            raise DatasetRejected(
+                f"line {line} is longer than {self.max_chars:,} characters",
+                line=line,
+                limit_chars=self.max_chars,
+                sample=_sample(text),
+            )
 
 
 class _Broken:
@@ -254,70 +276,99 @@ class _Broken:
 
 
 @dataclass
-class _Table:
-    """A parsed file: its header, an iterator of (row, line to write as is or None), and the line number
-    the last row ended on."""
+class _Chunk:
+    """Consecutive records of the file: rows (or why a record is unusable), the lines to write unchanged
+    when the rows came straight from them, and each record's line number."""
 
+    rows: list[list[str] | _Broken]
+    lines: list[str] | None
+    numbers: list[int] | None  # None: consecutive from `first`
+    first: int
+
+    def line(self, index: int) -> int:
+        return self.numbers[index] if self.numbers is not None else self.first + index
+
+
+@dataclass
+class _Table:
     header: list[str]
-    rows: Iterator[tuple[list[str] | _Broken, str | None]]
-    line: Callable[[], int]
+    chunks: Iterator[_Chunk]
 
 
 def _csv_table(lines: _Lines, delimiter: str) -> _Table:
-    """CSV rows. A line without quotes is split directly and, for comma files, written out as it came
-    (the common case, several times faster than parsing and re-serialising it); a line with quotes is
-    parsed by the csv module, together with the following lines when a quoted field spans them."""
-    source = iter(lines)
-    position = [0]
+    """CSV, a block at a time. A block without quotes is split at C speed and, for comma files, its lines
+    are written out as they came (the common case, several times faster than parsing and re-serialising);
+    a block with quotes is parsed line by line, the csv module taking the quoted lines, together with the
+    following ones when a quoted field spans lines."""
+    split = operator.methodcaller("split", delimiter)
     passthrough = delimiter == ","
 
-    def records() -> Iterator[tuple[list[str] | _Broken, str | None]]:
-        for line in source:
+    def parse(block: list[str], first: int) -> _Chunk:
+        if not any(map(operator.contains, block, itertools.repeat('"'))):
+            return _Chunk(list(map(split, block)), block if passthrough else None, None, first)
+        rows: list[list[str] | _Broken] = []
+        numbers: list[int] = []
+        i = 0
+        while i < len(block):
+            line = block[i]
             if '"' not in line:
-                position[0] = lines.number
-                body = line.rstrip("\r\n")
-                yield body.split(delimiter), (body + "\n" if passthrough else None)
+                rows.append(line.split(delimiter))
+                numbers.append(first + i)
+                i += 1
                 continue
-            first = lines.number
-            buffer, quotes, size = [line], line.count('"'), len(line)
+            start, quotes, size, i = i, line.count('"'), len(line), i + 1
             while quotes % 2 and size <= lines.max_chars:
-                following = next(source, None)
-                if following is None:
-                    break
-                buffer.append(following)
-                quotes += following.count('"')
-                size += len(following)
-            if quotes % 2 and _unclosed(buffer, delimiter):
+                if i == len(block):
+                    more = lines.block()
+                    if not more:
+                        break
+                    block.extend(more)
+                quotes += block[i].count('"')
+                size += len(block[i])
+                i += 1
+            group = [text + "\n" for text in block[start:i]]
+            if quotes % 2 and _unclosed(group, delimiter):
                 raise DatasetRejected(
-                    f"a quoted field opened on line {first} never closes (checked up to line {lines.number})",
-                    line=first,
-                    sample=_sample(buffer[0]),
+                    f"a quoted field opened on line {first + start} never closes "
+                    f"(checked up to line {first + i - 1})",
+                    line=first + start,
+                    sample=_sample(block[start]),
                 )
-            reader = csv.reader(buffer, delimiter=delimiter)
-            try:
-                for row in reader:
-                    position[0] = first + reader.line_num - 1
-                    yield row, None
-            except csv.Error as exc:
-                raise DatasetRejected(
-                    f"the CSV cannot be parsed from line {first}: {exc} (a quoted field that never closes?)",
-                    line=first,
-                    sample=_sample(buffer[0]),
-                ) from None
+            reader = csv.reader(group, delimiter=delimiter)
+            for row in reader:
+                rows.append(row)
+                numbers.append(first + start + reader.line_num - 1)
+        return _Chunk(rows, None, numbers, first)
 
-    rows = records()
-    try:
-        header, _ = next(rows)
-    except StopIteration:
-        raise DatasetRejected("the file is empty") from None
+    first_block = lines.block()
+    if not first_block:
+        raise DatasetRejected("the file is empty")
+    chunk = parse(first_block, 1)
+    header = chunk.rows[0]
     assert isinstance(header, list)
-    return _Table([h.strip() for h in header], rows, lambda: position[0])
+    rest = _Chunk(
+        chunk.rows[1:],
+        None if chunk.lines is None else chunk.lines[1:],
+        None if chunk.numbers is None else chunk.numbers[1:],
+        chunk.first + 1,
+    )
+
+    def chunks() -> Iterator[_Chunk]:
+        yield rest
+        while True:
+            first = lines.number + 1
+            block = lines.block()
+            if not block:
+                return
+            yield parse(block, first)
+
+    return _Table([h.strip() for h in header], chunks())
 
 
-def _unclosed(buffer: list[str], delimiter: str) -> bool:
+def _unclosed(group: list[str], delimiter: str) -> bool:
     """Whether the csv module, reading these lines strictly, finds a quoted field still open at the end."""
     try:
-        for _ in csv.reader(buffer, delimiter=delimiter, strict=True):
+        for _ in csv.reader(group, delimiter=delimiter, strict=True):
             pass
     except csv.Error:
         return True
@@ -339,47 +390,41 @@ def _json_cell(value: Any) -> str:
 def _jsonl_table(lines: _Lines, extra_keys: Counter[str]) -> _Table:
     """JSON Lines: the first object's keys are the columns; a key missing later is a missing value, a key
     not in the first object is counted in `extra_keys` (and reported), broken lines are dropped rows."""
-    iterator = iter(lines)
-    header: list[str] | None = None
-    early: list[tuple[int, list[str] | _Broken]] = []
-    for line in iterator:
-        if not line.strip():
-            continue
-        record = _json_record(line)
-        if isinstance(record, dict):
-            header = list(record)
-            early.append((lines.number, [_json_cell(v) for v in record.values()]))
-            break
-        early.append((lines.number, _Broken(record, _sample(line))))
-        if len(early) > 100:
-            break
-    if header is None:
-        if not early:
-            raise DatasetRejected("the file is empty")
+    first_block = lines.block()
+    if not any(map(str.strip, first_block)):
+        raise DatasetRejected("the file is empty")
+    records = [_json_record(line) if line.strip() else None for line in first_block]
+    start = next((i for i, r in enumerate(records) if isinstance(r, dict)), None)
+    if start is None:
         raise DatasetRejected(
-            "no line in the first 100 is a JSON object: JSON Lines needs one object per line",
-            samples=[b.text for _, b in early[:SAMPLE_LIMIT] if isinstance(b, _Broken)],
+            "no line in the first MiB is a JSON object: JSON Lines needs one object per line",
+            samples=[_sample(line) for line in first_block if line.strip()][:SAMPLE_LIMIT],
         )
+    first_record = records[start]
+    assert isinstance(first_record, dict)
+    header = list(first_record)
     known = frozenset(header)
-    position = [0]
 
-    def rows() -> Iterator[tuple[list[str] | _Broken, str | None]]:
-        for line, row in early:
-            position[0] = line
-            yield row, None
-        for line in iterator:
-            if not line.strip():
-                continue
-            position[0] = lines.number
-            record = _json_record(line)
-            if not isinstance(record, dict):
-                yield _Broken(record, _sample(line)), None
-                continue
-            if not known.issuperset(record):
-                extra_keys.update(k for k in record if k not in known)
-            yield [_json_cell(record.get(k)) for k in header], None
+    def row(record: dict[str, Any] | str | None, line: str) -> list[str] | _Broken:
+        if record is None:
+            return []  # a blank line
+        if isinstance(record, str):
+            return _Broken(record, _sample(line))
+        if not known.issuperset(record):
+            extra_keys.update(k for k in record if k not in known)
+        return [_json_cell(record.get(k)) for k in header]
 
-    return _Table(header, rows(), lambda: position[0])
+    def chunks() -> Iterator[_Chunk]:
+        yield _Chunk(list(map(row, records, first_block)), None, None, 1)
+        while True:
+            first = lines.number + 1
+            block = lines.block()
+            if not block:
+                return
+            parsed = [_json_record(line) if line.strip() else None for line in block]
+            yield _Chunk(list(map(row, parsed, block)), None, None, first)
+
+    return _Table(header, chunks())
 
 
 def _json_record(line: str) -> dict[str, Any] | str:
@@ -403,7 +448,7 @@ class _Column:
         self.non_numeric_examples: list[str] = []
         self.non_integer = 0
         self.formula_like = 0
-        self.equals_target = 0
+        self.copy_of_target = True  # equal to the target in every row so far
         self.distinct: set[str] | None = set()
         self.all_values: Counter[str] | None = None  # the target's class counts over every split
         self.text = False
@@ -487,7 +532,7 @@ class _Column:
     def _add_numbers(self, numbers: list[float]) -> None:
         n = len(numbers)
         shift = numbers[0]
-        deltas = [x - shift for x in numbers]
+        deltas = list(map(operator.sub, numbers, itertools.repeat(shift)))
         total = sum(deltas)
         batch_mean = shift + total / n
         batch_m2 = max(sum(map(operator.mul, deltas, deltas)) - total * total / n, 0.0)
@@ -684,7 +729,8 @@ def preprocess(
             "the file is binary (it contains NUL bytes), or UTF-16 text: upload UTF-8 CSV or JSON Lines",
             first_bytes=head[:16].hex(" "),
         )
-    text = io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="strict", newline="")
+    # Universal newlines: LF, CRLF and CR files all read as "\n"-terminated lines.
+    text = io.TextIOWrapper(buffered, encoding="utf-8-sig", errors="strict", newline=None)
     lines = _Lines(text, limits.max_line_chars)
     extra_keys: Counter[str] = Counter()
     delimiter: str | None = None
@@ -710,14 +756,18 @@ def preprocess(
             writers[split] = csv.writer(handle, lineterminator="\n")
             writers[split].writerow(header)
         first = True
-        while kept := state.clean(table):
+        for chunk in table.chunks:
+            kept = state.clean(chunk)
             if first:
                 _mark_text_columns(columns, kept, target_index, inferred)
                 first = False
             for split, part in kept.items():
-                if part.rows:
-                    handles[split].write("".join(part.lines))
+                if part.lines:
+                    handles[split].write("\n".join(part.lines))
+                    handles[split].write("\n")
+                if part.serialise:
                     writers[split].writerows(part.serialise)
+                if part.rows:
                     state.profile(part.rows, in_train=split == "train")
 
         manifest = _manifest(
@@ -759,7 +809,7 @@ class _PassState:
     dropped: Counter[str] = field(default_factory=Counter)
     dropped_lines: dict[str, list[int]] = field(default_factory=dict)
     dropped_samples: dict[str, list[str]] = field(default_factory=dict)
-    seen: set[bytes] = field(default_factory=set)
+    seen: set[int] = field(default_factory=set)
     dedup_complete: bool = True
 
     def drop(self, reason: str, line: int, sample: list[str] | str) -> None:
@@ -769,53 +819,99 @@ class _PassState:
             lines.append(line)
             self.dropped_samples.setdefault(reason, []).append(_sample(sample))
 
-    def clean(self, table: _Table) -> dict[str, _Kept] | None:
-        """Take up to CHUNK_ROWS rows; return the kept ones by split, or None at the end of the file."""
+    def clean(self, chunk: _Chunk) -> dict[str, _Kept]:
+        """Keep or drop each record of a chunk; the kept rows by split."""
+        rows = chunk.rows
+        if rows and set(map(type, rows)) == {list} and set(map(len, rows)) == {len(self.columns)}:
+            kept = self._clean_fast(chunk)
+            if kept is not None:
+                return kept
+        return self._clean_each(chunk)
+
+    def _clean_fast(self, chunk: _Chunk) -> dict[str, _Kept] | None:
+        """The whole chunk at C speed, for the common case: no missing target, no duplicate, nothing over
+        the duplicate-detection cap. None when the chunk is not that case (then each row is looked at)."""
+        rows = typing.cast(list[list[str]], chunk.rows)
+        labels = list(map(str.strip, map(operator.itemgetter(self.target_index), rows)))
+        if not _MISSING_ANY_CASE.isdisjoint(labels):
+            return None
+        joined = list(map(_JOIN, rows))
+        try:
+            encoded = list(map(str.encode, joined))
+        except UnicodeEncodeError:
+            return None
+        if self.spec.drop_duplicates:
+            keys = list(map(hash, joined))
+            if (
+                len(self.seen) + len(keys) > self.limits.max_dedup_rows
+                or len(set(keys)) != len(keys)
+                or not self.seen.isdisjoint(keys)
+            ):
+                return None
+            self.seen.update(keys)
+        buckets = list(map(operator.mod, map(zlib.crc32, encoded), itertools.repeat(10)))
+        masks = {
+            "train": list(map(operator.gt, itertools.repeat(8), buckets)),
+            "validation": list(map(operator.eq, buckets, itertools.repeat(8))),
+            "test": list(map(operator.eq, buckets, itertools.repeat(9))),
+        }
+        self.rows_read += len(rows)
+        kept = {}
+        for split, mask in masks.items():
+            part = _Kept(rows=list(itertools.compress(rows, mask)))
+            if chunk.lines is not None:
+                part.lines = list(itertools.compress(chunk.lines, mask))
+            else:
+                part.serialise = part.rows
+            self.counts[split] += len(part.rows)
+            kept[split] = part
+        return kept
+
+    def _clean_each(self, chunk: _Chunk) -> dict[str, _Kept]:
         width, target_index = len(self.columns), self.target_index
         kept = {split: _Kept() for split in SPLITS}
         by_bucket = (kept["train"],) * 8 + (kept["validation"], kept["test"])
         dedup, seen, cap = self.spec.drop_duplicates, self.seen, self.limits.max_dedup_rows
-        blake2b, from_bytes, missing = hashlib.blake2b, int.from_bytes, _MISSING_ANY_CASE
-        taken = blank = 0
-        for row, line in itertools.islice(table.rows, CHUNK_ROWS):
-            taken += 1
+        lines = chunk.lines
+        for index, row in enumerate(chunk.rows):
             if type(row) is not list:
                 assert isinstance(row, _Broken)
-                self.drop(row.reason, table.line(), row.text)
+                self.rows_read += 1
+                self.drop(row.reason, chunk.line(index), row.text)
                 continue
             if len(row) != width:
                 if not row or (len(row) == 1 and not row[0].strip()):
-                    blank += 1  # a blank line is not a row
-                    continue
-                self.drop("wrong_number_of_fields", table.line(), row)
+                    continue  # a blank line is not a row
+                self.rows_read += 1
+                self.drop("wrong_number_of_fields", chunk.line(index), row)
                 continue
-            if row[target_index].strip() in missing:
-                self.drop("missing_target", table.line(), row)
+            self.rows_read += 1
+            if row[target_index].strip() in _MISSING_ANY_CASE:
+                self.drop("missing_target", chunk.line(index), row)
                 continue
+            joined = _JOIN(row)
             try:
-                digest = blake2b("\x1f".join(row).encode(), digest_size=8).digest()
+                encoded = joined.encode()
             except UnicodeEncodeError:  # a lone surrogate from a JSON "\\ud800" escape
-                self.drop("invalid_unicode", table.line(), row)
+                self.drop("invalid_unicode", chunk.line(index), row)
                 continue
             if dedup:
-                if digest in seen:
-                    self.drop("duplicate_row", table.line(), row)
+                key = hash(joined)
+                if key in seen:
+                    self.drop("duplicate_row", chunk.line(index), row)
                     continue
                 if len(seen) < cap:
-                    seen.add(digest)
+                    seen.add(key)
                 else:
                     self.dedup_complete = False
-            target = by_bucket[from_bytes(digest, "big") % 10]
-            target.rows.append(row)
-            if line is None:
-                target.serialise.append(row)
+            part = by_bucket[zlib.crc32(encoded) % 10]
+            part.rows.append(row)
+            if lines is None:
+                part.serialise.append(row)
             else:
-                target.lines.append(line)
-        if not taken:
-            return None
-        self.rows_read += taken - blank
-        for split, rows in kept.items():
-            self.counts[split] += len(rows.rows)
+                part.lines.append(lines[index])
+        for split, part in kept.items():
+            self.counts[split] += len(part.rows)
         return kept
 
     def profile(self, rows: list[list[str]], in_train: bool) -> None:
@@ -823,8 +919,8 @@ class _PassState:
         target_values = by_column[self.target_index]
         for index, (column, values) in enumerate(zip(self.columns, by_column, strict=True)):
             column.observe(values, in_train)
-            if index != self.target_index:
-                column.equals_target += sum(map(operator.eq, values, target_values))
+            if index != self.target_index and column.copy_of_target and values != target_values:
+                column.copy_of_target = False
 
 
 def _mark_text_columns(
@@ -1016,7 +1112,7 @@ def _describe_feature(column: _Column, rows: int) -> dict[str, Any]:
         return {**entry, "role": "ignored", "reason": "every value is missing"}
     if distinct == 1:
         return {**entry, "role": "ignored", "reason": "the same value in every row"}
-    if column.equals_target == rows:
+    if column.copy_of_target:
         return {**entry, "role": "ignored", "reason": "a copy of the target (it would leak the answer)"}
     if column.text:
         return {**entry, "role": "feature", "type": "text", "stats": column.text_stats()}
