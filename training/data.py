@@ -23,6 +23,9 @@ MISSING_TOKENS = frozenset({"", "na", "n/a", "nan", "null", "none"})
 TASKS = ("classification", "regression")
 SPLITS = ("train", "validation", "test")
 _INTEGER = re.compile(r"^[+-]?\d+$")
+# The contract's tokeniser (docs/contracts.md, section 2): Unicode word characters of the lower-cased text.
+_TOKEN = re.compile(r"\w+")
+FEATURE_TYPES = ("numeric", "categorical", "text")
 
 
 class DataError(ValueError):
@@ -47,6 +50,22 @@ def is_missing(value: Any) -> bool:
     if isinstance(value, float):
         return math.isnan(value)
     return isinstance(value, str) and value.strip().lower() in MISSING_TOKENS
+
+
+def tokenize(text: str) -> list[str]:
+    """Split a text value into the tokens its bag of words counts, as preprocessing built the vocabulary.
+
+    Parameters
+    ----------
+    text
+        A non-missing text value.
+
+    Returns
+    -------
+    list of str
+        ``re.findall(r"\\w+", text.lower())``: runs of Unicode letters, digits and underscores.
+    """
+    return _TOKEN.findall(text.lower())
 
 
 def read_manifest(channel: str | Path) -> dict[str, Any]:
@@ -102,13 +121,20 @@ def _check_manifest(manifest: Any, path: Path) -> None:
     features = [c for c in manifest["columns"] if c.get("role") == "feature"]
     if not features:
         raise DataError(f"{path}: the manifest has no feature columns")
+    needs = {"numeric": ("mean", "std"), "categorical": ("categories",), "text": ("vocabulary",)}
     for column in features:
         stats = column.get("stats") or {}
-        needed = ("mean", "std") if column.get("type") == "numeric" else ("categories",)
-        if column.get("type") not in ("numeric", "categorical") or any(k not in stats for k in needed):
+        needed = needs.get(column.get("type"))
+        vocabulary = stats.get("vocabulary", [])
+        if (
+            needed is None
+            or any(k not in stats for k in needed)
+            or not isinstance(vocabulary, list)
+            or not all(isinstance(token, str) for token in vocabulary)
+        ):
             raise DataError(
-                f"{path}: feature {column.get('name')!r} needs type numeric (stats mean, std) "
-                "or categorical (stats categories)"
+                f"{path}: feature {column.get('name')!r} needs type numeric (stats mean, std), "
+                "categorical (stats categories) or text (stats vocabulary, a list of tokens)"
             )
 
 
@@ -199,12 +225,16 @@ def _header_layout(
 
 
 class Encoder:
-    """Rows to model inputs and targets: standardised numbers, one-hot categories, class indices.
+    """Rows to model inputs and targets: standardised numbers, one-hot categories, bags of words, classes.
 
     A numeric feature becomes ``(x - mean) / std`` with the train statistics of the manifest, and 0 (the
     mean) when missing. A categorical feature becomes a one-hot over its manifest categories plus one slot
-    for anything else, missing included. The target becomes a class index, or for regression a value
-    standardised with the train mean and standard deviation.
+    for anything else, missing included. A text feature becomes a bag of words: one slot per vocabulary
+    token plus one for all other tokens, each holding ``log1p(count)`` of its token in the value (see
+    `tokenize`); a missing value is all zeros. The logarithm keeps a word repeated in a long review from
+    outweighing the rest, and a value's slots stay on the scale of the one-hot and standardised inputs
+    beside them. The target becomes a class index, or for regression a value standardised with the train
+    mean and standard deviation.
     """
 
     def __init__(
@@ -225,8 +255,18 @@ class Encoder:
         self.labels = list(labels)
         self.target_mean = float(target_mean)
         self.target_std = float(target_std)
-        self._categories = [
-            {str(c): i for i, c in enumerate(f["categories"])} if f["type"] == "categorical" else {}
+        unknown = [f.get("name") for f in self.features if f.get("type") not in FEATURE_TYPES]
+        if unknown:
+            raise ValueError(
+                f"feature {unknown[0]!r} has a type this encoder does not know ({FEATURE_TYPES})"
+            )
+        # Each categorical or text feature's slot per category or token; the slot after them is "other".
+        self._slots = [
+            {str(c): i for i, c in enumerate(f["categories"])}
+            if f["type"] == "categorical"
+            else {token: i for i, token in enumerate(f["vocabulary"])}
+            if f["type"] == "text"
+            else {}
             for f in self.features
         ]
         if self.labels and all(
@@ -239,7 +279,12 @@ class Encoder:
             self._integer_labels = False
 
     @classmethod
-    def from_manifest(cls, manifest: Mapping[str, Any], train_target: Sequence[str] = ()) -> Encoder:
+    def from_manifest(
+        cls,
+        manifest: Mapping[str, Any],
+        train_target: Sequence[str] = (),
+        max_vocabulary: int | None = None,
+    ) -> Encoder:
         """Build the encoder from a manifest (contract section 2).
 
         Parameters
@@ -249,6 +294,9 @@ class Encoder:
         train_target
             For regression, the train split's target strings: their mean and standard deviation scale
             the target. Without them the manifest's target statistics are used.
+        max_vocabulary
+            Keep at most this many tokens of each text feature's vocabulary (the most frequent, as the
+            manifest lists them first); None keeps them all.
 
         Returns
         -------
@@ -269,6 +317,14 @@ class Encoder:
                         "type": "numeric",
                         "mean": float(stats["mean"] or 0.0),
                         "std": _usable_std(stats["std"]),
+                    }
+                )
+            elif column["type"] == "text":
+                features.append(
+                    {
+                        "name": column["name"],
+                        "type": "text",
+                        "vocabulary": list(stats["vocabulary"][:max_vocabulary]),
                     }
                 )
             else:
@@ -328,7 +384,10 @@ class Encoder:
     @property
     def width(self) -> int:
         """How many model inputs the features encode to."""
-        return sum(1 if f["type"] == "numeric" else len(f["categories"]) + 1 for f in self.features)
+        return sum(
+            1 if f["type"] == "numeric" else len(slots) + 1
+            for f, slots in zip(self.features, self._slots, strict=True)
+        )
 
     @property
     def output_width(self) -> int:
@@ -337,6 +396,8 @@ class Encoder:
 
     def encode(self, columns: Mapping[str, Sequence[Any]], rows: int) -> np.ndarray:
         """Encode feature columns; a value that is not a number in a numeric column counts as missing.
+
+        Values of a text column must be strings or missing (``None``): `encode_instances` checks requests.
 
         Parameters
         ----------
@@ -353,17 +414,20 @@ class Encoder:
         matrix = np.zeros((rows, self.width), dtype=np.float32)
         every_row = np.arange(rows)
         offset = 0
-        for feature, categories in zip(self.features, self._categories, strict=True):
+        for feature, index in zip(self.features, self._slots, strict=True):
             values = columns[feature["name"]]
             if feature["type"] == "numeric":
                 numbers = np.fromiter((_number_or_nan(v) for v in values), dtype=np.float64, count=rows)
                 scaled = (numbers - feature["mean"]) / feature["std"]
                 matrix[:, offset] = np.nan_to_num(scaled, nan=0.0)
                 offset += 1
+            elif feature["type"] == "text":
+                _add_bag_of_words(matrix, offset, values, index, rows)
+                offset += len(index) + 1
             else:
-                other = len(categories)
+                other = len(index)
                 slots = np.fromiter(
-                    (categories.get(_category_key(v), other) for v in values), dtype=np.int64, count=rows
+                    (index.get(_category_key(v), other) for v in values), dtype=np.int64, count=rows
                 )
                 matrix[every_row, offset + slots] = 1.0
                 offset += other + 1
@@ -387,7 +451,8 @@ class Encoder:
         ------
         ValueError
             Naming the first bad row and column: not an object, a missing column, a numeric column whose
-            value is not a number, or a value that is neither a number nor a string.
+            value is not a number, a text column whose value is not a string, or a categorical value that
+            is neither a number nor a string.
         """
         columns: dict[str, list[Any]] = {name: [] for name in self.feature_names}
         for i, instance in enumerate(instances):
@@ -403,6 +468,12 @@ class Encoder:
                 if feature["type"] == "numeric":
                     if not is_missing(value) and _number(value) is None:
                         raise ValueError(f"instance {i}: column {name!r} must be a number, got {value!r}")
+                elif feature["type"] == "text":
+                    if value is not None and not isinstance(value, str):
+                        raise ValueError(
+                            f"instance {i}: column {name!r} is text and must be a string, "
+                            f"got {_json_kind(value)}"
+                        )
                 elif value is not None and not isinstance(value, str | int | float):
                     raise ValueError(
                         f"instance {i}: column {name!r} must be a string or a number, got {_json_kind(value)}"
@@ -435,6 +506,28 @@ class Encoder:
     def decode_target(self, scaled: np.ndarray) -> np.ndarray:
         """Regression outputs back in the target's units."""
         return np.asarray(scaled, dtype=np.float64) * self.target_std + self.target_mean
+
+
+def _add_bag_of_words(
+    matrix: np.ndarray, offset: int, values: Sequence[Any], vocabulary: Mapping[str, int], rows: int
+) -> None:
+    """Write ``log1p(count)`` of each value's tokens into its row, from column `offset` on.
+
+    One dictionary lookup per token; the counting is numpy's (a sort of the row and slot pairs).
+    """
+    other = len(vocabulary)
+    width = other + 1
+    tokens = [[] if is_missing(v) else tokenize(v) for v in values]
+    lengths = np.fromiter(map(len, tokens), dtype=np.int64, count=rows)
+    slots = np.fromiter(
+        (vocabulary.get(token, other) for value in tokens for token in value),
+        dtype=np.int64,
+        count=int(lengths.sum()),
+    )
+    cells, counts = np.unique(
+        np.repeat(np.arange(rows, dtype=np.int64), lengths) * width + slots, return_counts=True
+    )
+    matrix[cells // width, offset + cells % width] = np.log1p(counts)
 
 
 def _usable_std(std: Any) -> float:

@@ -95,7 +95,7 @@ def input_fn(request_body: bytes | str, request_content_type: str = JSON_TYPE) -
     ----------
     request_body
         ``{"instances": [...]}`` with at most 10,000 JSON objects; each must have every feature column as a
-        key (``null`` or ``""`` is missing); other keys are ignored.
+        key (``null`` or ``""`` is missing); other keys are ignored. A text column's value is a string.
     request_content_type
         ``application/json`` (parameters such as ``charset`` are ignored).
 

@@ -15,7 +15,7 @@ ARCHITECTURES = ("tabular_mlp",)
 
 
 class TabularMLP(nn.Module):
-    """A multilayer perceptron over encoded tabular features (standardised numbers, one-hot categories).
+    """A multilayer perceptron over encoded features: standardised numbers, one-hots, bags of words.
 
     Each hidden layer is Linear, LayerNorm, ReLU, Dropout. LayerNorm rather than BatchNorm: it behaves the
     same in training and serving, and a last mini-batch of one row cannot break it.

@@ -42,6 +42,8 @@ SERVING_REQUIREMENTS = (
 )
 CONFIG_FORMAT_VERSION = 1
 PREDICT_BATCH_ROWS = 65_536
+# At most this share of free memory goes to the encoded splits; the rest is for the model, batches, Python.
+MEMORY_SHARE = 0.5
 CHANNELS = (*SPLITS, "manifest")
 HYPERPARAMETERS = (
     "epochs",
@@ -51,6 +53,7 @@ HYPERPARAMETERS = (
     "dropout",
     "weight_decay",
     "class_weights",
+    "max_vocabulary",
     "seed",
     "patience",
 )
@@ -139,6 +142,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("none", "sqrt", "balanced"),
         help="weight classes by inverse frequency (balanced), its square root, or not at all",
     )
+    hyper.add_argument(
+        "--max-vocabulary",
+        "--max_vocabulary",
+        dest="max_vocabulary",
+        type=int,
+        default=2_000,
+        help="bag-of-words slots per text feature: its most frequent train tokens, from the manifest",
+    )
     hyper.add_argument("--seed", type=int, default=7)
     hyper.add_argument("--patience", type=int, default=8, help="epochs without a lower validation loss")
     parser.set_defaults(**_defaults_from_sm_hps())
@@ -164,6 +175,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "weight_decay": args.weight_decay >= 0,
         "patience": args.patience >= 1,
         "class_weights": args.class_weights in ("none", "sqrt", "balanced"),
+        "max_vocabulary": args.max_vocabulary >= 1,
     }
     bad = [f"{name}={getattr(args, name)}" for name, ok in checks.items() if not ok]
     if bad:
@@ -352,8 +364,63 @@ def load_splits(args: argparse.Namespace) -> tuple[dict[str, Any], Encoder, dict
         if split.rows == 0:
             raise DataError(f"{name} split is empty: no row has a target")
         splits[name] = split
-    encoder = Encoder.from_manifest(manifest, train_target=splits["train"].columns[target])
+    encoder = Encoder.from_manifest(
+        manifest, train_target=splits["train"].columns[target], max_vocabulary=args.max_vocabulary
+    )
     return manifest, encoder, splits
+
+
+def check_memory(
+    encoder: Encoder, splits: dict[str, Split], device: torch.device, max_vocabulary: int
+) -> None:
+    """Fail before encoding when the encoded splits cannot fit in memory, saying what to lower.
+
+    Every split is encoded densely (float32) and kept on the device; a text feature adds a column per
+    vocabulary token, so a large vocabulary times many rows is what usually does not fit.
+
+    Raises
+    ------
+    ConfigurationError
+        When the splits need more than half of the memory available (host, and GPU when training on one).
+    """
+    rows = sum(split.rows for split in splits.values())
+    needed = rows * encoder.width * 4
+    available = available_memory(device)
+    if available is None or needed <= available * MEMORY_SHARE:
+        return
+    message = (
+        f"the encoded splits need {needed / 2**30:.1f} GiB ({rows} rows x {encoder.width} inputs, float32) "
+        f"but only {available / 2**30:.1f} GiB of memory is available"
+    )
+    text = [f for f in encoder.features if f["type"] == "text"]
+    if text:
+        other = encoder.width - sum(len(f["vocabulary"]) for f in text)
+        per_feature = int(available * MEMORY_SHARE / 4 / rows - other) // len(text)
+        message += (
+            f": lower the hyperparameter max_vocabulary (now {max_vocabulary}) to at most {per_feature}, "
+            "or train on an instance with more memory"
+            if per_feature >= 1
+            else ": train on an instance with more memory"
+        )
+    else:
+        message += ": train on an instance with more memory"
+    raise ConfigurationError(message)
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes of memory free for the splits: the host's available memory, and the GPU's free memory too."""
+    host = None
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    host = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        host = None
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free if host is None else min(host, free)
+    return host
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -376,6 +443,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         # more than it saves, and on a busy machine spinning OpenMP workers make a step ~50x slower.
         torch.set_num_threads(1)
     manifest, encoder, splits = load_splits(args)
+    check_memory(encoder, splits, device, args.max_vocabulary)
     tensors = {}
     for name, split in splits.items():
         x = torch.from_numpy(encoder.encode(split.columns, split.rows)).to(device)

@@ -109,6 +109,15 @@ def manifest_for(train_rows, task, target, features, ignored=(), labels=None):
                 min=min(numbers),
                 max=max(numbers),
             )
+        elif kind == "text":
+            # The contract's tokeniser and vocabulary order, written out here rather than imported.
+            tokens = [t for value in present for t in re.findall(r"\w+", value.lower())]
+            ranked = sorted(Counter(tokens).items(), key=lambda kv: (-kv[1], kv[0]))
+            stats.update(
+                mean_tokens=round(len(tokens) / max(1, len(present)), 2),
+                vocabulary=[t for t, _ in ranked[:20_000]],
+                truncated=len(ranked) > 20_000,
+            )
         else:
             ranked = sorted(Counter(present).items(), key=lambda kv: (-kv[1], kv[0]))
             stats.update(categories=[v for v, _ in ranked[:50]], truncated=len(ranked) > 50)
@@ -148,6 +157,7 @@ def manifest_for(train_rows, task, target, features, ignored=(), labels=None):
         "format": "csv",
         "delimiter": ",",
         "task": task,
+        "recipe": "text" if "text" in features.values() else "tabular",
         "target": target,
         "columns": columns,
     }
@@ -529,3 +539,218 @@ def test_auc_and_f1_agree_with_hand_computed_values(training_modules):
     assert binary["f1"]["value"] == pytest.approx(0.8)  # precision 1, recall 2/3
     assert evaluation["conveyor"]["baseline"] == pytest.approx(0.75)  # train majority "yes"
     assert binary["confusion_matrix"] == {"no": {"no": 1, "yes": 0}, "yes": {"no": 1, "yes": 2}}
+
+
+# --- text features: a bag of words per text column -------------------------------------------------------
+
+POSITIVE = ["great", "wonderful", "loved", "excellent", "superb", "delightful", "brilliant", "enjoyable"]
+NEGATIVE = ["awful", "boring", "terrible", "hated", "dull", "waste", "poor", "disappointing"]
+NEUTRAL = [
+    "the",
+    "movie",
+    "film",
+    "plot",
+    "actors",
+    "story",
+    "was",
+    "and",
+    "a",
+    "it",
+    "of",
+    "this",
+    "with",
+    "scenes",
+    "ending",
+    "music",
+    "très",
+    "cast",
+]
+
+
+def review_rows(n, rng):
+    """Short reviews whose sentiment words decide the label, in mixed case and punctuation.
+
+    Each review also names a reviewer (``user123``), a token nearly always outside the train vocabulary;
+    a few reviews are missing, with a random label; `platform` is irrelevant.
+    """
+    rows = []
+    for _ in range(n):
+        positive = rng.random() < 0.55
+        majority, minority = (POSITIVE, NEGATIVE) if positive else (NEGATIVE, POSITIVE)
+        count = rng.randint(1, 3)
+        words = rng.sample(NEUTRAL, rng.randint(3, 8)) + rng.choices(majority, k=count)
+        if count >= 2 and rng.random() < 0.4:
+            words.append(rng.choice(minority))
+        rng.shuffle(words)
+        words = [
+            w.upper() if rng.random() < 0.1 else w.capitalize() if rng.random() < 0.1 else w for w in words
+        ]
+        review = "".join(w + rng.choice([" ", " ", ", ", "! ", "... "]) for w in words)
+        review += f"-- user{rng.randint(0, 99_999)}"
+        if rng.random() < 0.03:
+            review, positive = rng.choice(["", "NA", "null"]), rng.random() < 0.5
+        rows.append(
+            {
+                "review": review,
+                "platform": rng.choice(["web", "app"]),
+                "sentiment": "positive" if positive else "negative",
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory):
+    rows = review_rows(600, random.Random(6))
+    manifest = manifest_for(
+        rows[:480],
+        "classification",
+        "sentiment",
+        {"review": "text", "platform": "categorical"},
+        labels=["negative", "positive"],
+    )
+    return run_training(tmp_path_factory.mktemp("reviews"), rows, manifest)
+
+
+def test_text_classification_clearly_beats_the_majority_class(reviews):
+    summary = reviews.evaluation()["conveyor"]
+    assert summary["test_rows"] == 60
+    assert summary["value"] > summary["baseline"] + 0.3, summary
+    config = json.loads((reviews.model_dir / "model_config.json").read_text())
+    vocabulary = reviews.manifest["columns"][0]["stats"]["vocabulary"]
+    assert config["features"][0] == {"name": "review", "type": "text", "vocabulary": vocabulary}
+    assert config["architecture"]["in_features"] == len(vocabulary) + 1 + len(["web", "app"]) + 1
+
+
+def test_served_text_predictions_match_the_evaluation(reviews):
+    test_rows = split_rows(reviews.channels, "test")
+    instances = [{k: v for k, v in row.items() if k != "sentiment"} for row in test_rows]
+    instances += [
+        {"review": "Great, WONDERFUL film!! Loved it.", "platform": "web"},
+        {"review": "boring and dull; a waste", "platform": "app", "sentiment": "ignored"},
+        {"review": None, "platform": "web"},
+        {"review": "", "platform": "web"},
+    ]
+    with served(reviews) as (inference, model):
+        predictions = serve(inference, model, instances)["predictions"]
+    labels = [p["label"] for p in predictions]
+    assert labels[-4:-2] == ["positive", "negative"]
+    accuracy = np.mean([label == r["sentiment"] for label, r in zip(labels, test_rows, strict=False)])
+    assert accuracy == pytest.approx(reviews.evaluation()["conveyor"]["value"])
+
+
+def test_a_text_column_must_be_a_string_in_a_request(reviews):
+    with served(reviews) as (inference, _):
+        for value, kind in [(5, "5"), (True, "a boolean"), (["good"], "an array"), ({"a": 1}, "an object")]:
+            body = {
+                "instances": [{"review": "good", "platform": "web"}, {"review": value, "platform": "web"}]
+            }
+            with pytest.raises(inference.InvalidInput) as raised:
+                inference.input_fn(json.dumps(body), "application/json")
+            assert raised.value.status_code == 400
+            assert (
+                str(raised.value) == f"instance 1: column 'review' is text and must be a string, got {kind}"
+            )
+
+
+def test_text_encodes_as_log_counts_of_vocabulary_tokens(training_modules):
+    data = training_modules("data")
+    encoder = data.Encoder(
+        task="classification",
+        target="y",
+        labels=["negative", "positive"],
+        features=[
+            {"name": "stars", "type": "numeric", "mean": 3.0, "std": 1.0},
+            {"name": "review", "type": "text", "vocabulary": ["good", "movie", "über"]},
+        ],
+    )
+    copy = data.Encoder.from_config(json.loads(json.dumps(encoder.to_config())))
+    assert copy.width == 1 + 3 + 1
+    columns = {
+        "stars": ["4", "", "3", "2", "3"],
+        "review": ["Good, GOOD movie!", " NA ", "ÜBER_cool Über", "!!!", "bad bad bad"],
+    }
+    one, two, three = math.log1p(1), math.log1p(2), math.log1p(3)
+    expected = np.array(
+        [
+            [1, two, one, 0, 0],
+            [0, 0, 0, 0, 0],  # missing: all zeros, the "other tokens" slot included
+            [0, 0, 0, one, one],  # "über_cool" is one token, outside the vocabulary
+            [-1, 0, 0, 0, 0],  # no tokens at all
+            [0, 0, 0, 0, three],
+        ],
+        dtype=np.float32,
+    )
+    np.testing.assert_allclose(copy.encode(columns, 5), expected, rtol=1e-6)
+    # A request encodes as the CSV does; null and "" are missing as well.
+    instances = [{"stars": s, "review": r} for s, r in zip(columns["stars"], columns["review"], strict=True)]
+    instances += [{"stars": 3, "review": None}, {"stars": 3, "review": ""}]
+    np.testing.assert_allclose(copy.encode_instances(instances)[:5], expected, rtol=1e-6)
+    assert not copy.encode_instances(instances)[5:].any()
+
+
+def test_bag_of_words_equals_counting_tokens_one_by_one(training_modules):
+    data = training_modules("data")
+    rng = random.Random(11)
+    words = [f"w{i}" for i in range(300)] + ["Ünïcode", "naïve", "東京", "x_y", "٣٤", "İstanbul"]
+    vocabulary = rng.sample([w.lower() for w in words], 200)
+    values = [
+        rng.choice(["", "NA"]) if rng.random() < 0.05 else " ".join(rng.choices(words, k=rng.randint(0, 40)))
+        for _ in range(3000)
+    ]
+    encoder = data.Encoder(
+        task="regression", target="y", features=[{"name": "t", "type": "text", "vocabulary": vocabulary}]
+    )
+    matrix = encoder.encode({"t": values}, len(values))
+    expected = np.zeros((len(values), len(vocabulary) + 1), dtype=np.float32)
+    slot = {token: i for i, token in enumerate(vocabulary)}
+    for row, value in enumerate(values):
+        if value.strip().lower() in data.MISSING_TOKENS:
+            continue
+        # Every token outside the vocabulary counts towards the one "other" slot.
+        slots = Counter(slot.get(token, len(vocabulary)) for token in re.findall(r"\w+", value.lower()))
+        for column, count in slots.items():
+            expected[row, column] = math.log1p(count)
+    np.testing.assert_allclose(matrix, expected, rtol=1e-6)
+
+
+def test_a_text_manifest_is_read_and_its_vocabulary_capped(tmp_path, training_modules):
+    data = training_modules("data")
+    rows = review_rows(200, random.Random(8))
+    manifest = manifest_for(
+        rows, "classification", "sentiment", {"review": "text"}, labels=["negative", "positive"]
+    )
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    encoder = data.Encoder.from_manifest(data.read_manifest(tmp_path), max_vocabulary=5)
+    assert encoder.features == [
+        {"name": "review", "type": "text", "vocabulary": manifest["columns"][0]["stats"]["vocabulary"][:5]}
+    ]
+    assert encoder.width == 6
+    del manifest["columns"][0]["stats"]["vocabulary"]
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(data.DataError, match=r"feature 'review' needs .* text \(stats vocabulary"):
+        data.read_manifest(tmp_path)
+
+
+def test_a_vocabulary_too_big_for_memory_fails_naming_the_hyperparameter(monkeypatch, training_modules):
+    data, train = training_modules("data"), training_modules("train")
+    encoder = data.Encoder(
+        task="regression",
+        target="y",
+        features=[
+            {"name": "x", "type": "numeric", "mean": 0.0, "std": 1.0},
+            {"name": "t", "type": "text", "vocabulary": [f"w{i}" for i in range(1000)]},
+        ],
+    )
+    splits = {name: data.Split(name, rows=5000) for name in ("train", "validation", "test")}
+    device = train.torch.device("cpu")
+    monkeypatch.setattr(train, "available_memory", lambda device: 20 * 2**20)
+    # 10 MiB for the splits: 10 * 2**20 / 4 bytes / 15,000 rows = 174 inputs, less 2 for `x` and "other".
+    with pytest.raises(
+        train.ConfigurationError, match=r"lower the hyperparameter max_vocabulary \(now 1000\) to at most 172"
+    ):
+        train.check_memory(encoder, splits, device, max_vocabulary=1000)
+    monkeypatch.setattr(train, "available_memory", lambda device: 2**30)
+    train.check_memory(encoder, splits, device, max_vocabulary=1000)
+    with pytest.raises(ValueError, match="max_vocabulary=0"):
+        train.parse_args(["--max_vocabulary", "0", *(f"--{c}=/d" for c in train.CHANNELS)])

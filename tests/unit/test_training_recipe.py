@@ -173,3 +173,66 @@ def test_preprocessing_and_training_agree_on_what_a_missing_value_is():
     finally:
         sys.path.remove(str(ROOT / "training"))
         sys.modules.pop("data", None)
+
+
+def contract_tokenize():
+    """preprocess.core.tokenize, or a skip while the preprocess side does not expose it yet."""
+    core = importlib.import_module("preprocess.core")
+    if not hasattr(core, "tokenize"):
+        pytest.skip(
+            "preprocess.core.tokenize does not exist yet: text features are being added to preprocess"
+        )
+    return core.tokenize
+
+
+def test_preprocessing_and_training_split_text_into_the_same_tokens():
+    # Two copies for the same reason as MISSING: the vocabulary is counted with one, encoded with the other.
+    preprocess_tokenize = contract_tokenize()
+    rng = random.Random(3)
+    alphabet = "aZ9_ -,.!'\u2019\t\nÄöß İıŁ東京٣४ é\u0301\u00a0\u200b😀"
+    samples = [
+        "Great, GREAT movie!!",
+        "don't stop-believing: 10/10 snake_case",
+        "Straße İstanbul ΣΊΣΥΦΟΣ naïve café",
+        "東京タワー ١٢٣ ४२",
+        "",
+        "   ",
+        *("".join(rng.choices(alphabet, k=rng.randint(0, 40))) for _ in range(500)),
+    ]
+    sys.path.insert(0, str(ROOT / "training"))
+    try:
+        data = importlib.import_module("data")
+        for sample in samples:
+            assert data.tokenize(sample) == preprocess_tokenize(sample), repr(sample)
+    finally:
+        sys.path.remove(str(ROOT / "training"))
+        sys.modules.pop("data", None)
+
+
+def reviews(n=600, seed=5):
+    rng = random.Random(seed)
+    good, bad = ["great", "loved", "superb", "wonderful"], ["awful", "boring", "dull", "terrible"]
+    filler = ["the", "film", "plot", "was", "and", "cast", "music", "ending", "story"]
+    rows = []
+    for _ in range(n):
+        label = rng.choice(["pos", "neg"])
+        words = rng.sample(filler, 4) + rng.choices(good if label == "pos" else bad, k=rng.randint(1, 2))
+        rng.shuffle(words)
+        rows.append([" ".join(words).capitalize() + "!", label])
+    return rows
+
+
+def test_a_text_column_from_preprocessing_trains_and_serves(tmp_path):
+    contract_tokenize()
+    data = processed(tmp_path, ["review", "label"], reviews())
+    manifest = json.loads((data / "manifest" / "manifest.json").read_text())
+    review = next(c for c in manifest["columns"] if c["name"] == "review")
+    assert review["type"] == "text" and manifest["recipe"] == "text"
+    result, model_dir, output = train(data, "--epochs", "20")
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((output / "evaluation.json").read_text())["conveyor"]
+    assert summary["value"] > summary["baseline"] + 0.3, summary
+    with serving(model_dir) as (inference, model):
+        body = json.dumps({"instances": [{"review": "Superb, LOVED it"}, {"review": "dull... AWFUL"}]})
+        answer = inference.predict_fn(inference.input_fn(body, "application/json"), model)
+        assert [p["label"] for p in answer] == ["pos", "neg"]
