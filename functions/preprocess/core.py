@@ -436,8 +436,14 @@ def _json_record(line: str) -> dict[str, Any] | str:
 
 
 class _Column:
-    """Running profile of one column, fed a chunk of values at a time: types and distinct values over all
-    rows, statistics over the train split. Every piece of state is bounded."""
+    """Profile of one column, fed a chunk of values at a time: type facts over every split, statistics over
+    the train split. Every piece of state is bounded.
+
+    While a column has few distinct values (at most `max_distinct`), it only counts them, and its type
+    facts and statistics are computed once from the counts (`settle`): each distinct value is parsed once,
+    not once per row. A column with more distinct values (a measurement, an identifier, text) folds its
+    counts into running totals and from then on parses every chunk.
+    """
 
     def __init__(self, name: str, max_distinct: int) -> None:
         self.name = name
@@ -449,8 +455,9 @@ class _Column:
         self.non_integer = 0
         self.formula_like = 0
         self.copy_of_target = True  # equal to the target in every row so far
-        self.distinct: set[str] | None = set()
-        self.all_values: Counter[str] | None = None  # the target's class counts over every split
+        # Counts of each present value over every split and over train; None once there are too many.
+        self.values: Counter[str] | None = Counter()
+        self.train_values: Counter[str] | None = Counter()
         self.text = False
         # Set once a column has shown many non-numbers, mostly: it stops parsing values as numbers.
         self.settled_non_numeric = False
@@ -462,11 +469,11 @@ class _Column:
         self.m2 = 0.0
         self.low = math.inf
         self.high = -math.inf
-        self.train_values: Counter[str] | None = Counter()
         self.vocabulary: Counter[str] = Counter()
         self.vocabulary_pruned = False
         self.token_total = 0
         self.token_max = 0
+        self._settled = False
 
     def observe(self, values: tuple[str, ...], in_train: bool) -> None:
         stripped = list(map(str.strip, values))
@@ -477,14 +484,20 @@ class _Column:
         missing = len(stripped) - len(present)
         self.missing += missing
         self.present += len(present)
-        self._remember(present, in_train)
-        if self.all_values is not None:
-            self.all_values.update(present)
         if in_train:
             self.train_missing += missing
             self.train_count += len(present)
             if self.text:
                 self._add_text(present)
+        if self.values is not None:
+            self.values.update(present)
+            if in_train:
+                assert self.train_values is not None
+                self.train_values.update(present)
+            if len(self.values) > self.max_distinct:
+                self._fold(self.values, self.train_values)
+                self.values = self.train_values = None
+            return
         if not present or self.settled_non_numeric:
             return
         try:  # The common case, all at C speed: every present value is a finite number.
@@ -492,7 +505,7 @@ class _Column:
             if not math.isfinite(sum(numbers)):
                 raise ValueError
         except ValueError:
-            numbers = self._sort_out(present)
+            numbers = self._sort_out(Counter(present))
         else:
             if self.non_integer == 0 and not all(map(float.is_integer, numbers)):
                 self.non_integer += 1
@@ -501,10 +514,24 @@ class _Column:
         if self.non_numeric >= SETTLE_NON_NUMERIC and self.non_numeric * 2 > self.present:
             self.settled_non_numeric = True
 
-    def _sort_out(self, present: list[str]) -> list[float]:
-        """Numbers and non-numbers of a chunk that is not all numeric, one parse per distinct value."""
+    def settle(self) -> None:
+        """At the end of the pass: type facts and statistics from the counts, if the column still has them."""
+        if self.values is not None and not self._settled:
+            self._fold(self.values, self.train_values)
+        self._settled = True
+
+    def _fold(self, values: Counter[str], train_values: Counter[str] | None) -> None:
+        """Type facts from every split's counted values, train statistics from train's."""
+        self._sort_out(values)
+        if train_values:
+            numbers = {v: n for v in train_values if (n := _to_float(v)) is not None}
+            if numbers:
+                self._add_weighted(list(numbers.values()), [train_values[v] for v in numbers])
+
+    def _sort_out(self, counts: Counter[str]) -> list[float]:
+        """Numbers and non-numbers among counted values, one parse per distinct value."""
         numbers: list[float] = []
-        for value, count in Counter(present).items():
+        for value, count in counts.items():
             number = _to_float(value)
             if number is None:
                 self.non_numeric += count
@@ -518,32 +545,33 @@ class _Column:
                 numbers.extend([number] * count)
         return numbers
 
-    def _remember(self, present: list[str], in_train: bool) -> None:
-        if self.distinct is not None:
-            self.distinct.update(present)
-            if len(self.distinct) > self.max_distinct:
-                # Too many to be a category or a class: stop tracking (the column is text, an identifier,
-                # or a number), and drop the per-value counts with it.
-                self.distinct = None
-                self.train_values = None
-        if in_train and self.train_values is not None:
-            self.train_values.update(present)
+    def _add_weighted(self, numbers: list[float], counts: list[int]) -> None:
+        n = sum(counts)
+        shift = numbers[0]
+        deltas = list(map(operator.sub, numbers, itertools.repeat(shift)))
+        weighted = list(map(operator.mul, deltas, counts))
+        total = sum(weighted)
+        batch_m2 = max(sum(map(operator.mul, weighted, deltas)) - total * total / n, 0.0)
+        self._merge(n, shift + total / n, batch_m2, min(numbers), max(numbers))
 
     def _add_numbers(self, numbers: list[float]) -> None:
         n = len(numbers)
         shift = numbers[0]
         deltas = list(map(operator.sub, numbers, itertools.repeat(shift)))
         total = sum(deltas)
-        batch_mean = shift + total / n
         batch_m2 = max(sum(map(operator.mul, deltas, deltas)) - total * total / n, 0.0)
+        self._merge(n, shift + total / n, batch_m2, min(numbers), max(numbers))
+
+    def _merge(self, n: int, batch_mean: float, batch_m2: float, low: float, high: float) -> None:
+        """Chan et al.'s combination of running and batch mean / sum of squared deviations."""
         seen = self.train_numbers
         combined = seen + n
         delta = batch_mean - self.mean
         self.mean += delta * n / combined
         self.m2 += batch_m2 + delta * delta * seen * n / combined
         self.train_numbers = combined
-        self.low = min(self.low, min(numbers))
-        self.high = max(self.high, max(numbers))
+        self.low = min(self.low, low)
+        self.high = max(self.high, high)
 
     def _add_text(self, present: list[str]) -> None:
         if not present:
@@ -582,7 +610,7 @@ class _Column:
 
     @property
     def distinct_count(self) -> int | None:
-        return None if self.distinct is None else len(self.distinct)
+        return None if self.values is None else len(self.values)
 
     def numeric_stats(self) -> dict[str, Any]:
         n = self.train_numbers
@@ -745,8 +773,6 @@ def preprocess(
     target_index = _choose_target(header, spec, inferred)
     max_distinct = max(1_000, min(20_000, limits.max_tracked_distinct // len(header)))
     columns = [_Column(name, max_distinct) for name in header]
-    target = columns[target_index]
-    target.all_values = Counter()
 
     state = _PassState(columns=columns, target_index=target_index, spec=spec, limits=limits)
     with ExitStack() as stack:
@@ -770,6 +796,8 @@ def preprocess(
                 if part.rows:
                     state.profile(part.rows, in_train=split == "train")
 
+        for column in columns:
+            column.settle()
         manifest = _manifest(
             header=header,
             state=state,
@@ -1046,15 +1074,15 @@ def _check_classes(target: _Column) -> list[Any]:
             f"({next(iter(class_counts), 'none')!r}): nothing to learn",
             class_counts=class_counts,
         )
-    assert target.all_values is not None and target.distinct is not None
-    rare = {label: n for label, n in target.all_values.items() if n < MIN_ROWS_PER_CLASS}
+    assert target.values is not None
+    rare = {label: n for label, n in target.values.items() if n < MIN_ROWS_PER_CLASS}
     if rare:
         raise DatasetRejected(
             f"{len(rare)} class(es) of the target {target.name!r} have fewer than {MIN_ROWS_PER_CLASS} "
             "rows, too few to train and test on: add rows, merge those classes, or remove them",
             rare_classes=dict(sorted(rare.items())[:20]),
         )
-    all_labels = sorted(target.distinct)
+    all_labels = sorted(target.values)
     if all(_INTEGER.match(v) for v in all_labels):
         return sorted({int(v) for v in all_labels})
     return all_labels
