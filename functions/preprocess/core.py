@@ -281,7 +281,7 @@ class _Chunk:
     when the rows came straight from them, and each record's line number."""
 
     rows: list[list[str] | _Broken]
-    lines: list[str] | None
+    lines: list[str | None] | None  # None where a row must be re-serialised
     numbers: list[int] | None  # None: consecutive from `first`
     first: int
 
@@ -304,41 +304,44 @@ def _csv_table(lines: _Lines, delimiter: str) -> _Table:
     passthrough = delimiter == ","
 
     def parse(block: list[str], first: int) -> _Chunk:
-        if not any(map(operator.contains, block, itertools.repeat('"'))):
-            return _Chunk(list(map(split, block)), block if passthrough else None, None, first)
-        rows: list[list[str] | _Broken] = []
+        quoted = list(
+            itertools.compress(itertools.count(), map(operator.contains, block, itertools.repeat('"')))
+        )
+        rows: list[list[str] | _Broken] = list(map(split, block))
+        if not quoted:
+            return _Chunk(rows, block if passthrough else None, None, first)
+        # Lines with quotes go to the csv module (with the lines a quoted field spans); the others stay split.
+        out_rows: list[list[str] | _Broken] = []
+        out_lines: list[str | None] = []
         numbers: list[int] = []
-        i = 0
-        while i < len(block):
-            line = block[i]
-            if '"' not in line:
-                rows.append(line.split(delimiter))
-                numbers.append(first + i)
-                i += 1
-                continue
-            start, quotes, size, i = i, line.count('"'), len(line), i + 1
-            while quotes % 2 and size <= lines.max_chars:
-                if i == len(block):
-                    more = lines.block()
-                    if not more:
-                        break
-                    block.extend(more)
-                quotes += block[i].count('"')
-                size += len(block[i])
-                i += 1
-            group = [text + "\n" for text in block[start:i]]
-            if quotes % 2 and _unclosed(group, delimiter):
+        position = 0
+        for start in quoted:
+            if start < position:
+                continue  # already taken by the previous quoted field
+            out_rows.extend(rows[position:start])
+            out_lines.extend(block[position:start])
+            numbers.extend(range(first + position, first + start))
+            end = _quoted_group_end(block, start, lines)
+            group = [text + "\n" for text in block[start:end]]
+            if sum(text.count('"') for text in group) % 2 and _unclosed(group, delimiter):
                 raise DatasetRejected(
                     f"a quoted field opened on line {first + start} never closes "
-                    f"(checked up to line {first + i - 1})",
+                    f"(checked up to line {first + end - 1})",
                     line=first + start,
                     sample=_sample(block[start]),
                 )
             reader = csv.reader(group, delimiter=delimiter)
             for row in reader:
-                rows.append(row)
+                out_rows.append(row)
+                out_lines.append(None)
                 numbers.append(first + start + reader.line_num - 1)
-        return _Chunk(rows, None, numbers, first)
+            position = end
+        if len(rows) < len(block):  # the last quoted field pulled in lines of the next block
+            rows.extend(map(split, block[len(rows) :]))
+        out_rows.extend(rows[position:])
+        out_lines.extend(block[position:])
+        numbers.extend(range(first + position, first + len(block)))
+        return _Chunk(out_rows, out_lines if passthrough else None, numbers, first)
 
     first_block = lines.block()
     if not first_block:
@@ -363,6 +366,22 @@ def _csv_table(lines: _Lines, delimiter: str) -> _Table:
             yield parse(block, first)
 
     return _Table([h.strip() for h in header], chunks())
+
+
+def _quoted_group_end(block: list[str], start: int, lines: _Lines) -> int:
+    """The end (exclusive) of the lines a quoted field starting on `block[start]` spans: until its quotes
+    balance, at most `max_chars` characters; reads on into the next block when it must."""
+    quotes, size, end = block[start].count('"'), len(block[start]), start + 1
+    while quotes % 2 and size <= lines.max_chars:
+        if end == len(block):
+            more = lines.block()
+            if not more:
+                break
+            block.extend(more)
+        quotes += block[end].count('"')
+        size += len(block[end])
+        end += 1
+    return end
 
 
 def _unclosed(group: list[str], delimiter: str) -> bool:
@@ -456,8 +475,11 @@ class _Column:
         self.formula_like = 0
         self.copy_of_target = True  # equal to the target in every row so far
         # Counts of each present value over every split and over train; None once there are too many.
-        self.values: Counter[str] | None = Counter()
+        # Counts of each present value in train and in the other splits; None once there are too many.
+        # (`values`, every split together, is their sum, made at the end.)
         self.train_values: Counter[str] | None = Counter()
+        self.other_values: Counter[str] | None = Counter()
+        self.values: Counter[str] | None = None
         self.text = False
         # Set once a column has shown many non-numbers, mostly: it stops parsing values as numbers.
         self.settled_non_numeric = False
@@ -489,14 +511,11 @@ class _Column:
             self.train_count += len(present)
             if self.text:
                 self._add_text(present)
-        if self.values is not None:
-            self.values.update(present)
-            if in_train:
-                assert self.train_values is not None
-                self.train_values.update(present)
-            if len(self.values) > self.max_distinct:
-                self._fold(self.values, self.train_values)
-                self.values = self.train_values = None
+        if self.train_values is not None and self.other_values is not None:
+            (self.train_values if in_train else self.other_values).update(present)
+            if len(self.train_values) + len(self.other_values) > self.max_distinct:
+                self._fold(self.train_values + self.other_values, self.train_values)
+                self.train_values = self.other_values = None
             return
         if not present or self.settled_non_numeric:
             return
@@ -516,7 +535,9 @@ class _Column:
 
     def settle(self) -> None:
         """At the end of the pass: type facts and statistics from the counts, if the column still has them."""
-        if self.values is not None and not self._settled:
+        if self.train_values is not None and self.other_values is not None and not self._settled:
+            self.values = self.train_values + self.other_values
+            self.other_values = None
             self._fold(self.values, self.train_values)
         self._settled = True
 
@@ -887,10 +908,15 @@ class _PassState:
         kept = {}
         for split, mask in masks.items():
             part = _Kept(rows=list(itertools.compress(rows, mask)))
-            if chunk.lines is not None:
-                part.lines = list(itertools.compress(chunk.lines, mask))
-            else:
+            if chunk.lines is None:
                 part.serialise = part.rows
+            else:
+                lines = list(itertools.compress(chunk.lines, mask))
+                if None in lines:
+                    part.serialise = [row for row, line in zip(part.rows, lines, strict=True) if line is None]
+                    part.lines = [line for line in lines if line is not None]
+                else:
+                    part.lines = typing.cast(list[str], lines)
             self.counts[split] += len(part.rows)
             kept[split] = part
         return kept
@@ -934,10 +960,11 @@ class _PassState:
                     self.dedup_complete = False
             part = by_bucket[zlib.crc32(encoded) % 10]
             part.rows.append(row)
-            if lines is None:
+            line = None if lines is None else lines[index]
+            if line is None:
                 part.serialise.append(row)
             else:
-                part.lines.append(lines[index])
+                part.lines.append(line)
         for split, part in kept.items():
             self.counts[split] += len(part.rows)
         return kept
