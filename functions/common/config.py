@@ -24,6 +24,8 @@ class Settings:
     state_machine_arn: str = ""
     notification_topic_arn: str = ""
     max_request_bytes: int = 5_242_880
+    # Uploads above this size are preprocessed by a SageMaker Processing job instead of in Lambda.
+    lambda_preprocess_max_bytes: int = 1_073_741_824
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

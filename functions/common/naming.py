@@ -14,6 +14,9 @@ from datetime import UTC, datetime
 SLUG_MAX = 40
 # Where the training jobs' source directory (training/ as sourcedir.tar.gz) lives in ArtifactsBucket.
 TRAINING_CODE_KEY = "code/training/sourcedir.tar.gz"
+# Where SageMaker Processing jobs find the preprocessing code (functions/common and functions/preprocess,
+# one object per file, so a ProcessingInput copies the packages as a directory tree).
+PREPROCESSING_CODE_PREFIX = "code/preprocessing/"
 _NOT_SLUG = re.compile(r"[^a-z0-9]+")
 
 
@@ -72,6 +75,15 @@ class ResourceNames:
 
     def as_dict(self) -> dict[str, str]:
         return dict(self.__dict__)
+
+
+def processing_job_name(stack_name: str, slug: str, version: str) -> str:
+    """The SageMaker Processing job that preprocesses one dataset version when it is too big for Lambda.
+
+    `<stack>-<slug>-<version>` shortened to SageMaker's 63 characters, always starting with `<stack>-` (the
+    state machine's IAM policy is scoped to that prefix) and ending with the version (unique per object).
+    """
+    return f"{stack_name}-{slug}"[: 62 - len(version)].rstrip("-") + "-" + version
 
 
 def endpoint_name(stack_name: str, slug: str) -> str:

@@ -6,8 +6,10 @@ acknowledged, a transient failure is retried and, after the queue's maxReceiveCo
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
+import math
 import posixpath
 import time
 from collections.abc import Iterator
@@ -15,9 +17,10 @@ from contextlib import contextmanager
 from typing import Any
 
 import smart_open
-from aws_lambda_powertools import Logger, Metrics, Tracer
+from aws_lambda_powertools import Logger, Metrics, Tracer, single_metric
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
+from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
 from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
@@ -27,14 +30,16 @@ from common.config import Settings
 from common.errors import DatasetRejected
 from common.events import ObjectRef, objects_in_message
 from common.naming import (
+    PREPROCESSING_CODE_PREFIX,
     TRAINING_CODE_KEY,
     ResourceNames,
     data_version,
     execution_name,
     object_identity,
+    processing_job_name,
     slugify,
 )
-from preprocess.core import DatasetSpec, preprocess
+from preprocess.core import SUFFIXES, DatasetSpec, Limits, format_of, preprocess
 
 logger = Logger()
 tracer = Tracer()
@@ -43,19 +48,32 @@ processor = BatchProcessor(event_type=EventType.SQS)
 
 DATASETS_PREFIX = "datasets/"
 SPEC_FILE = "conveyor.json"
-SUPPORTED_SUFFIXES = (".csv", ".csv.gz")
 
 
 def dataset_of(key: str) -> str | None:
-    """`datasets/<name>/<file>` → `<name>`; None for keys conveyor does not train on."""
+    """`datasets/<name>/<file>` → `<name>`; None for keys conveyor does not train on (folder markers, the
+    spec file, keys outside datasets/, a dataset folder named `.` or `..`)."""
     if not key.startswith(DATASETS_PREFIX) or key.endswith("/"):
         return None
     parts = key[len(DATASETS_PREFIX) :].split("/")
-    if len(parts) < 2 or not parts[0] or parts[-1] == SPEC_FILE:
-        return None
-    if any(part in ("", ".", "..") for part in parts):
+    if len(parts) < 2 or parts[0] in ("", ".", "..") or parts[-1] == SPEC_FILE:
         return None
     return parts[0]
+
+
+def _check_key(key: str, name: str) -> str:
+    """The format of a dataset file's key, or the reason it cannot be one."""
+    if any(part in ("", ".", "..") for part in key[len(DATASETS_PREFIX) :].split("/")):
+        raise DatasetRejected(
+            "the key has an empty, '.' or '..' path segment; upload the file as datasets/<name>/<file>",
+            key=key,
+        )
+    fmt = format_of(key)
+    if fmt is None:
+        raise DatasetRejected(
+            f"unsupported file type: upload {', '.join(SUFFIXES)} files under datasets/{name}/", key=key
+        )
+    return fmt
 
 
 @tracer.capture_method
@@ -63,7 +81,10 @@ def process_object(ref: ObjectRef, settings: Settings) -> dict[str, Any]:
     """Preprocess one uploaded object version and start its pipeline execution (idempotently)."""
     name = dataset_of(ref.key)
     if name is None:
-        logger.info("ignored: not a dataset file", extra={"bucket": ref.bucket, "key": ref.key})
+        logger.info(
+            "ignored: not a dataset file (outside datasets/<name>/, a folder marker or conveyor.json)",
+            extra={"bucket": ref.bucket, "key": ref.key},
+        )
         return {"status": "ignored", "key": ref.key}
     if ref.size == 0:
         logger.info("ignored: zero-byte object", extra={"key": ref.key})
@@ -74,9 +95,14 @@ def process_object(ref: ObjectRef, settings: Settings) -> dict[str, Any]:
     version_id = head.get("VersionId") or ref.version_id
     etag = head.get("ETag") or ref.etag
     identity = object_identity(ref.bucket, ref.key, version_id, etag)
-    slug = slugify(name)
+    try:
+        slug = slugify(name)
+    except ValueError as exc:
+        logger.warning("ignored: the dataset folder name has no letters or digits", extra={"key": ref.key})
+        return {"status": "ignored", "key": ref.key, "reason": str(exc)}
     version = data_version(head["LastModified"], identity)
     logger.append_keys(dataset=slug, version=version)
+    logger.set_correlation_id(f"{slug}/{version}")
     provenance = {
         "dataset": slug,
         "version": version,
@@ -89,14 +115,12 @@ def process_object(ref: ObjectRef, settings: Settings) -> dict[str, Any]:
         },
     }
     try:
-        if not ref.key.lower().endswith(SUPPORTED_SUFFIXES):
-            raise DatasetRejected(
-                f"unsupported file type: upload {' or '.join(SUPPORTED_SUFFIXES)} files under datasets/{name}/"
-            )
+        fmt = _check_key(ref.key, name)
         spec = _read_spec(ref.bucket, name)
-        manifest = _manifest_if_done(settings, slug, version) or _preprocess(
-            ref, version_id, spec, provenance, settings
-        )
+        manifest = _manifest_if_done(settings, slug, version)
+        if manifest is None and too_big_for_lambda(head.get("ContentLength"), settings):
+            return _hand_to_processing_job(spec, provenance, settings, execution_name(slug, identity))
+        manifest = manifest or _preprocess(ref, version_id, spec, provenance, settings, fmt)
     except DatasetRejected as rejected:
         return _quarantine(rejected, provenance, settings)
 
@@ -153,7 +177,12 @@ def _s3_text_writer(uri: str) -> Iterator[io.TextIOWrapper]:
 
 
 def _preprocess(
-    ref: ObjectRef, version_id: str | None, spec: DatasetSpec, provenance: dict[str, Any], settings: Settings
+    ref: ObjectRef,
+    version_id: str | None,
+    spec: DatasetSpec,
+    provenance: dict[str, Any],
+    settings: Settings,
+    fmt: str,
 ) -> dict[str, Any]:
     slug, version = provenance["dataset"], provenance["version"]
     started = time.monotonic()
@@ -168,6 +197,8 @@ def _preprocess(
                 _processed_uri(settings, slug, version, split, "part-00000.csv")
             ),
             provenance=provenance,
+            fmt=fmt,
+            limits=Limits.for_object(ref.key, provenance["source"].get("size")),
         )
     aws.client("s3").put_object(
         Bucket=settings.require("processed_bucket"),
@@ -178,6 +209,15 @@ def _preprocess(
     seconds = time.monotonic() - started
     metrics.add_metric("RowsRead", MetricUnit.Count, manifest["counts"]["rows_read"])
     metrics.add_metric("RowsDropped", MetricUnit.Count, sum(manifest["dropped"].values()))
+    for reason, count in manifest["dropped"].items():
+        with single_metric(
+            name="RowsDroppedByReason",
+            unit=MetricUnit.Count,
+            value=count,
+            namespace=metrics.namespace,
+            default_dimensions=metrics.default_dimensions,
+        ) as metric:
+            metric.add_dimension(name="reason", value=reason)
     metrics.add_metric("BytesRead", MetricUnit.Bytes, manifest["source"].get("bytes_read", 0))
     metrics.add_metric("PreprocessSeconds", MetricUnit.Seconds, seconds)
     logger.info(
@@ -186,6 +226,8 @@ def _preprocess(
             "counts": manifest["counts"],
             "dropped": manifest["dropped"],
             "inferred": manifest["inferred"],
+            "warnings": manifest["warnings"],
+            "seconds": round(seconds, 3),
         },
     )
     return manifest
@@ -256,6 +298,86 @@ def _execution_input(manifest: dict[str, Any], spec: DatasetSpec, settings: Sett
     }
 
 
+# ---------------------------------------------------------------- bigger than Lambda (SageMaker Processing)
+# An upload above LAMBDA_PREPROCESS_MAX_BYTES is not streamed here: the pipeline preprocesses it with the same
+# code in a SageMaker Processing job (preprocess/processing.py) and then trains as usual.
+
+
+def too_big_for_lambda(size: int | None, settings: Settings) -> bool:
+    return size is not None and size > settings.lambda_preprocess_max_bytes
+
+
+def processing_volume_gb(key: str, size: int) -> int:
+    """The job's EBS volume: the upload, the splits (its rows again, as large as the decompression limit
+    allows), and headroom; SageMaker's minimum is 1 GB and its maximum 16 TB."""
+    inflated = Limits.for_object(key, size).max_bytes or size
+    return min(16_384, max(30, math.ceil((size + 1.1 * inflated) / 2**30) + 10))
+
+
+def processing_execution_input(
+    spec: DatasetSpec, provenance: dict[str, Any], settings: Settings
+) -> dict[str, Any]:
+    """The execution input of an upload the pipeline preprocesses itself (docs/contracts.md, section 6).
+
+    The task and target are what conveyor.json says, else null: only preprocessing infers them, so nothing
+    before it may need them, and the gate takes its metric from evaluation.json when the spec names none.
+    """
+    slug, version, source = provenance["dataset"], provenance["version"], provenance["source"]
+    artifacts = settings.require("artifacts_bucket")
+    execution_input = _execution_input(
+        {**provenance, "task": spec.task, "target": spec.target}, spec, settings
+    )
+    execution_input["gate"]["metric"] = spec.metric
+    execution_input["preprocessing"] = {
+        "mode": "processing",
+        "job_name": processing_job_name(settings.stack_name, slug, version),
+        "input": f"s3://{source['bucket']}/{source['key']}",
+        "source": source,
+        "spec": dataclasses.asdict(spec),
+        "code": f"s3://{artifacts}/{PREPROCESSING_CODE_PREFIX}",
+        "job_document": f"s3://{artifacts}/preprocessing/{slug}/{version}/job.json",
+        "output": {
+            "processed": _processed_uri(settings, slug, version) + "/",
+            "quarantine": f"s3://{settings.require('processed_bucket')}/quarantine/{slug}/{version}/",
+        },
+        "volume_size_gb": processing_volume_gb(source["key"], int(source["size"])),
+    }
+    return execution_input
+
+
+def _hand_to_processing_job(
+    spec: DatasetSpec, provenance: dict[str, Any], settings: Settings, name: str
+) -> dict[str, Any]:
+    execution_input = processing_execution_input(spec, provenance, settings)
+    job = execution_input["preprocessing"]
+    document = {**provenance, "spec": job["spec"]}
+    bucket, _, key = job["job_document"].removeprefix("s3://").partition("/")
+    try:
+        # Written once per object version: a replayed event must not change what a running job reads.
+        aws.client("s3").put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=json.dumps(document, indent=2, default=str).encode(),
+            ContentType="application/json",
+            IfNoneMatch="*",
+        )
+    except ClientError as error:
+        if error.response["Error"]["Code"] not in ("PreconditionFailed", "412"):
+            raise
+    started = _start_pipeline(settings, name, execution_input)
+    metrics.add_metric("HandedToProcessingJob", MetricUnit.Count, 1)
+    logger.info(
+        "too big for Lambda: the pipeline preprocesses it in a SageMaker Processing job",
+        extra={"size": provenance["source"].get("size"), "processing_job": job["job_name"]},
+    )
+    return {
+        "status": "started" if started else "duplicate",
+        "dataset": provenance["dataset"],
+        "version": provenance["version"],
+        "preprocessing": job["job_name"],
+    }
+
+
 def _start_pipeline(settings: Settings, name: str, execution_input: dict[str, Any]) -> bool:
     """Start the execution; False when this object version already has one (a replayed event)."""
     try:
@@ -278,13 +400,26 @@ def _start_pipeline(settings: Settings, name: str, execution_input: dict[str, An
 
 def record_handler(record: SQSRecord) -> list[dict[str, Any]]:
     settings = Settings.from_env()
-    return [process_object(ref, settings) for ref in objects_in_message(record.body)]
+    try:
+        return [process_object(ref, settings) for ref in objects_in_message(record.body)]
+    except Exception:
+        # Reported as this message's failure: SQS redelivers it after the visibility timeout, and after the
+        # queue's maxReceiveCount moves it to the DLQ. The log says which message and why, every time.
+        logger.exception(
+            "message failed; SQS retries it, then moves it to the dead-letter queue",
+            extra={
+                "message_id": record.message_id,
+                "receive_count": record.attributes.approximate_receive_count,
+                "body": record.body[:500],
+            },
+        )
+        raise
 
 
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 @metrics.log_metrics(raise_on_empty_metrics=False)
-def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
+def handler(event: dict[str, Any], context: LambdaContext) -> PartialItemFailureResponse:
     return process_partial_response(
         event=event, record_handler=record_handler, processor=processor, context=context
     )

@@ -309,7 +309,7 @@ def _csv_table(lines: _Lines, delimiter: str) -> _Table:
         )
         rows: list[list[str] | _Broken] = list(map(split, block))
         if not quoted:
-            return _Chunk(rows, block if passthrough else None, None, first)
+            return _Chunk(rows, typing.cast(list[str | None], block) if passthrough else None, None, first)
         # Lines with quotes go to the csv module (with the lines a quoted field spans); the others stay split.
         out_rows: list[list[str] | _Broken] = []
         out_lines: list[str | None] = []
@@ -871,7 +871,11 @@ class _PassState:
     def clean(self, chunk: _Chunk) -> dict[str, _Kept]:
         """Keep or drop each record of a chunk; the kept rows by split."""
         rows = chunk.rows
-        if rows and set(map(type, rows)) == {list} and set(map(len, rows)) == {len(self.columns)}:
+        if (
+            rows
+            and set(map(type, rows)) == {list}
+            and set(map(len, typing.cast(list[list[str]], rows))) == {len(self.columns)}
+        ):
             kept = self._clean_fast(chunk)
             if kept is not None:
                 return kept

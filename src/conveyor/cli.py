@@ -170,11 +170,13 @@ def cmd_upload(args: argparse.Namespace) -> int:
 
 
 def cmd_publish_code(args: argparse.Namespace) -> int:
-    from conveyor.local.cloud import project_root, publish_training_code
+    from conveyor.local.cloud import project_root, publish_preprocessing_code, publish_training_code
 
     target = _target(args)
-    uri = publish_training_code(target.client("s3"), target.outputs["ArtifactsBucketName"], project_root())
-    print(f"training code published to {uri}")
+    s3, bucket, root = target.client("s3"), target.outputs["ArtifactsBucketName"], project_root()
+    print(f"training code published to {publish_training_code(s3, bucket, root)}")
+    uri = publish_preprocessing_code(s3, bucket, root)
+    print(f"preprocessing code (for SageMaker Processing jobs) published to {uri}")
     return 0
 
 
@@ -267,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     upload.set_defaults(func=cmd_upload)
 
     publish = commands.add_parser(
-        "publish-code", parents=[common], help="upload training/ as the training jobs' source directory"
+        "publish-code",
+        parents=[common],
+        help="upload training/ and the preprocessing code for the pipeline's SageMaker jobs",
     )
     publish.set_defaults(func=cmd_publish_code)
 

@@ -6,6 +6,7 @@ reach the emulator); `stop()` ends every child process and thread it started.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -27,6 +28,7 @@ from moto.server import ThreadedMotoServer
 
 from conveyor.local.hosting import HostingAdapter, free_port
 from conveyor.local.lambdas import FunctionSpec, LambdaRuntime, SqsEventSource
+from conveyor.local.processing import ProcessingAdapter
 from conveyor.local.template import Stack
 from conveyor.local.training import TrainingAdapter
 
@@ -115,6 +117,7 @@ class LocalCloud:
         self._saved_env: dict[str, str | None] = {}
         self.runtime: LambdaRuntime | None = None
         self.training = TrainingAdapter(self.client_factory("s3"), self.workdir)
+        self.processing = ProcessingAdapter(self.client_factory("s3"), self.workdir)
         self.hosting = HostingAdapter(self.client_factory("s3"), self.workdir)
         self._pollers: list[SqsEventSource] = []
         self.gateway: Any = None
@@ -143,9 +146,16 @@ class LocalCloud:
         if self.api_port:
             _require_free(self.api_port, "the HTTPS API", "--api-port")
         self._set_environment()
+        # The functions' clients are cached per process (as in a Lambda container); drop any that point at
+        # the emulator of an earlier LocalCloud in this process.
+        make_functions_importable(self.root)
+        from common import aws as function_clients
+
+        function_clients.reset_clients()
         self.runtime = LambdaRuntime(self._lambda_environment, self.stack.region, self.stack.account_id)
         self.runtime.install()
         self.training.install()
+        self.processing.install()
         self.hosting.install()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
@@ -168,11 +178,16 @@ class LocalCloud:
             self.gateway.stop()
             self.gateway = None
         self.training.stop_all()
+        self.processing.stop_all()
         self.hosting.stop_all()
         if self._server is not None:
+            # moto keeps its state in this process, not in the server: without a reset, the next LocalCloud
+            # in the same process (a second test module) would find this stack's roles and buckets.
+            with contextlib.suppress(requests.RequestException):
+                requests.post(f"{self.endpoint_url}/moto-api/reset", timeout=10)
             self._server.stop()
             self._server = None
-        for adapter in (self.hosting, self.training, self.runtime):
+        for adapter in (self.hosting, self.processing, self.training, self.runtime):
             if adapter is not None:
                 adapter.uninstall()
         for key, value in self._saved_env.items():
@@ -300,6 +315,7 @@ class LocalCloud:
                 )
         self._start_event_sources(sqs)
         self.publish_training_code()
+        self.publish_preprocessing_code()
 
     def _start_event_sources(self, sqs: Any) -> None:
         assert self.runtime is not None
@@ -327,6 +343,12 @@ class LocalCloud:
     def publish_training_code(self) -> str:
         """Upload training/ as the `sagemaker_submit_directory` tarball the pipeline's jobs run."""
         return publish_training_code(
+            self.client("s3"), self.stack.resources["ArtifactsBucket"].attributes["Ref"], self.root
+        )
+
+    def publish_preprocessing_code(self) -> str:
+        """Upload the preprocessing code where the pipeline's SageMaker Processing jobs read it."""
+        return publish_preprocessing_code(
             self.client("s3"), self.stack.resources["ArtifactsBucket"].attributes["Ref"], self.root
         )
 
@@ -399,6 +421,42 @@ def training_sourcedir(root: Path) -> bytes:
                 continue
             tar.add(path, arcname=str(path.relative_to(root / "training")), recursive=False)
     return buffer.getvalue()
+
+
+def preprocessing_code_files(root: Path) -> dict[str, Path]:
+    """What a Processing job needs to run `python3 -m preprocess.processing`: functions/common and
+    functions/preprocess, by their path below functions/ (the job's PYTHONPATH)."""
+    functions = root / "functions"
+    return {
+        path.relative_to(functions).as_posix(): path
+        for package in ("common", "preprocess")
+        for path in sorted((functions / package).rglob("*.py"))
+        if "__pycache__" not in path.parts
+    }
+
+
+def publish_preprocessing_code(s3: Any, artifacts_bucket: str, root: Path) -> str:
+    """Upload the preprocessing code, one object per file, under the prefix the Processing jobs copy; remove
+    files that are no longer part of it, so a job never imports a stale module."""
+    make_functions_importable(root)
+    from common.naming import PREPROCESSING_CODE_PREFIX
+
+    files = preprocessing_code_files(root)
+    for relative, path in files.items():
+        s3.put_object(
+            Bucket=artifacts_bucket, Key=PREPROCESSING_CODE_PREFIX + relative, Body=path.read_bytes()
+        )
+    stale = [
+        {"Key": obj["Key"]}
+        for page in s3.get_paginator("list_objects_v2").paginate(
+            Bucket=artifacts_bucket, Prefix=PREPROCESSING_CODE_PREFIX
+        )
+        for obj in page.get("Contents", [])
+        if obj["Key"][len(PREPROCESSING_CODE_PREFIX) :] not in files
+    ]
+    for start in range(0, len(stale), 1000):
+        s3.delete_objects(Bucket=artifacts_bucket, Delete={"Objects": stale[start : start + 1000]})
+    return f"s3://{artifacts_bucket}/{PREPROCESSING_CODE_PREFIX}"
 
 
 def _placeholder_zip() -> bytes:
