@@ -8,7 +8,7 @@ SAM_VENV  := .tools/sam
 SAM_STAMP := $(SAM_VENV)/.installed
 SAM_CLI   := aws-sam-cli==1.170.0
 
-.PHONY: demo test test-unit lint lint-infra install clean
+.PHONY: demo test test-unit lint lint-infra install clean bench-preprocess
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: conveyor needs Python 3.11+" >&2; exit 1; }
@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch is pinned (CPU build); installed first so nothing can pull an unpinned CUDA build.
 	$(BIN)/pip install --quiet "torch==2.13.0"
-	$(BIN)/pip install --quiet -e ".[local,train,dev]"
+	$(BIN)/pip install --quiet -e ".[local,train,dev,bench]"
 	@touch $(STAMP)
 
 install: $(STAMP)
@@ -48,8 +48,13 @@ test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
 lint: $(STAMP)
-	$(BIN)/ruff check src functions training tests
-	$(BIN)/ruff format --check src functions training tests
+	$(BIN)/ruff check src functions training tests benchmarks
+	$(BIN)/ruff format --check src functions training tests benchmarks
+
+# Issue 4's figures: conveyor vs pandas vs a raw read, 100MB and 1GB inputs (about 15 minutes).
+# Results: benchmarks/results/preprocess.{json,md}. Pass options with BENCH_ARGS="--quick" or "--repeats 1".
+bench-preprocess: $(STAMP)
+	$(BIN)/python benchmarks/preprocess.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache build *.egg-info src/*.egg-info

@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import math
+import os
 import posixpath
 import time
 from collections.abc import Iterator
@@ -43,7 +44,8 @@ from preprocess.core import SUFFIXES, DatasetSpec, Limits, format_of, preprocess
 
 logger = Logger()
 tracer = Tracer()
-metrics = Metrics()
+# The template sets POWERTOOLS_METRICS_NAMESPACE; without it (a test, a script), metrics still have one.
+metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE") or "conveyor")
 processor = BatchProcessor(event_type=EventType.SQS)
 
 DATASETS_PREFIX = "datasets/"

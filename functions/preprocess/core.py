@@ -51,7 +51,9 @@ MAX_INVALID_NUMERIC_SHARE = 0.01
 # Above this share of unusable rows (wrong field count, broken JSON), the file is rejected, not cleaned.
 MAX_BROKEN_ROW_SHARE = 0.1
 DELIMITERS = ",;\t|"
-BLOCK_CHARS = 1 << 20  # text read and handled at a time
+# Text read and handled at a time: large enough for C-level maps to pay off, small enough that a block of
+# tiny rows (4 bytes of text become ~150 bytes of Python objects) stays a few tens of MB.
+BLOCK_CHARS = 256 << 10
 SAMPLE_LIMIT = 5
 FORMULA_PREFIXES = ("=", "+", "-", "@")
 _INTEGER = re.compile(r"^[+-]?\d+$")
@@ -543,14 +545,15 @@ class _Column:
 
     def _fold(self, values: Counter[str], train_values: Counter[str] | None) -> None:
         """Type facts from every split's counted values, train statistics from train's."""
-        self._sort_out(values)
+        self._sort_out(values, collect=False)
         if train_values:
             numbers = {v: n for v in train_values if (n := _to_float(v)) is not None}
             if numbers:
                 self._add_weighted(list(numbers.values()), [train_values[v] for v in numbers])
 
-    def _sort_out(self, counts: Counter[str]) -> list[float]:
-        """Numbers and non-numbers among counted values, one parse per distinct value."""
+    def _sort_out(self, counts: Counter[str], collect: bool = True) -> list[float]:
+        """Numbers and non-numbers among counted values, one parse per distinct value; the numbers (each as
+        often as counted) when `collect`."""
         numbers: list[float] = []
         for value, count in counts.items():
             number = _to_float(value)
@@ -563,7 +566,8 @@ class _Column:
             else:
                 if self.non_integer == 0 and not number.is_integer():
                     self.non_integer += 1
-                numbers.extend([number] * count)
+                if collect:
+                    numbers.extend([number] * count)
         return numbers
 
     def _add_weighted(self, numbers: list[float], counts: list[int]) -> None:
