@@ -8,7 +8,7 @@ SAM_VENV  := .tools/sam
 SAM_STAMP := $(SAM_VENV)/.installed
 SAM_CLI   := aws-sam-cli==1.170.0
 
-.PHONY: demo test test-unit lint lint-infra install clean bench-preprocess
+.PHONY: demo test test-unit test-fuzz lint lint-infra install clean bench-preprocess
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: conveyor needs Python 3.11+" >&2; exit 1; }
@@ -46,6 +46,10 @@ lint-infra: $(SAM_STAMP)
 
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
+
+# The preprocessing fuzz suite at full size (10,000 generated files per test; CI runs 200).
+test-fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest tests/unit/test_preprocess_fuzz.py -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check src functions training tests benchmarks

@@ -396,16 +396,22 @@ def _unclosed(group: list[str], delimiter: str) -> bool:
     return False
 
 
+def _one_newline(text: str) -> str:
+    """Line breaks as "\n", as CSV input reads them: the csv writer does not quote a lone "\r", which a
+    reader would then take for the end of the row."""
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
 def _json_cell(value: Any) -> str:
     if value is None:
         return ""
     if value is True or value is False:
         return "true" if value else "false"
     if isinstance(value, str):
-        return value
+        return _one_newline(value)
     if isinstance(value, int | float):
         return json.dumps(value)
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)
+    return _one_newline(json.dumps(value, ensure_ascii=False, sort_keys=True))
 
 
 def _jsonl_table(lines: _Lines, extra_keys: Counter[str]) -> _Table:
@@ -445,7 +451,7 @@ def _jsonl_table(lines: _Lines, extra_keys: Counter[str]) -> _Table:
             parsed = [_json_record(line) if line.strip() else None for line in block]
             yield _Chunk(list(map(row, parsed, block)), None, None, first)
 
-    return _Table(header, chunks())
+    return _Table([_one_newline(key) for key in header], chunks())
 
 
 def _json_record(line: str) -> dict[str, Any] | str:
