@@ -11,13 +11,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import boto3
 import pytest
 import requests
+from local_stack import aws, signed_post, wait_for_execution
 
 from conveyor import client
 from conveyor.local.cloud import LocalCloud
-from conveyor.sigv4 import sign_request
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -36,31 +35,6 @@ def outputs_file(cloud, tmp_path_factory):
     path = tmp_path_factory.mktemp("outputs") / "outputs.json"
     path.write_text(json.dumps(cloud.outputs))
     return path
-
-
-def aws(outputs: dict, service: str):
-    """A plain boto3 client built only from the outputs file, as any user would."""
-    return boto3.client(
-        service,
-        endpoint_url=outputs["EndpointUrl"],
-        region_name=outputs["Region"],
-        aws_access_key_id=outputs["AccessKeyId"],
-        aws_secret_access_key=outputs["SecretAccessKey"],
-    )
-
-
-def signed_post(outputs: dict, path: str, body: dict, secret: str | None = None) -> requests.Response:
-    url = outputs["ApiUrl"] + path
-    data = json.dumps(body).encode()
-    headers = sign_request(
-        "POST",
-        url,
-        data,
-        (outputs["AccessKeyId"], secret or outputs["SecretAccessKey"], None),
-        outputs["Region"],
-        headers={"Content-Type": "application/json"},
-    )
-    return requests.post(url, data=data, headers=headers, verify=outputs["CaBundle"], timeout=60)
 
 
 def three_class_rows(n=900, seed=11):
@@ -89,20 +63,6 @@ def to_csv(rows: list[dict]) -> bytes:
     writer.writeheader()
     writer.writerows(rows)
     return out.getvalue().encode()
-
-
-def wait_for_execution(sfn, machine_arn: str, prefix: str, timeout=300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [
-            e
-            for e in sfn.list_executions(stateMachineArn=machine_arn)["executions"]
-            if e["name"].startswith(prefix)
-        ]
-        if found and found[0]["status"] != "RUNNING":
-            return sfn.describe_execution(executionArn=found[0]["executionArn"])
-        time.sleep(1)
-    raise AssertionError(f"no finished execution for {prefix} within {timeout} s")
 
 
 def test_upload_trains_registers_deploys_and_serves_over_https(cloud, outputs_file):

@@ -12,12 +12,10 @@ import random
 import time
 from pathlib import Path
 
-import boto3
 import pytest
-import requests
+from local_stack import aws, signed_post, wait_for_execution
 
 from conveyor.local.cloud import LocalCloud
-from conveyor.sigv4 import sign_request
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -34,30 +32,6 @@ def cloud(tmp_path_factory):
     local.start()
     yield local
     local.stop()
-
-
-def aws(outputs: dict, service: str):
-    return boto3.client(
-        service,
-        endpoint_url=outputs["EndpointUrl"],
-        region_name=outputs["Region"],
-        aws_access_key_id=outputs["AccessKeyId"],
-        aws_secret_access_key=outputs["SecretAccessKey"],
-    )
-
-
-def wait_for_execution(sfn, machine_arn: str, prefix: str, timeout=300) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = [
-            e
-            for e in sfn.list_executions(stateMachineArn=machine_arn)["executions"]
-            if e["name"].startswith(prefix)
-        ]
-        if found and found[0]["status"] != "RUNNING":
-            return sfn.describe_execution(executionArn=found[0]["executionArn"])
-        time.sleep(1)
-    raise AssertionError(f"no finished execution for {prefix} within {timeout} s")
 
 
 def states_entered(sfn, execution_arn: str) -> list[str]:
@@ -126,17 +100,8 @@ def test_a_big_upload_is_preprocessed_by_a_processing_job_then_trained_and_serve
     assert manifest["source"]["key"] == "datasets/Sensors/week 1.csv.gz"
 
     rows = list(csv.DictReader(io.StringIO(gzip.decompress(body).decode())))[:200]
-    url = outputs["ApiUrl"] + "/models/sensors/predict"
-    data = json.dumps({"instances": [{k: v for k, v in r.items() if k != "status"} for r in rows]}).encode()
-    headers = sign_request(
-        "POST",
-        url,
-        data,
-        (outputs["AccessKeyId"], outputs["SecretAccessKey"], None),
-        outputs["Region"],
-        headers={"Content-Type": "application/json"},
-    )
-    answer = requests.post(url, data=data, headers=headers, verify=outputs["CaBundle"], timeout=60)
+    instances = [{k: v for k, v in r.items() if k != "status"} for r in rows]
+    answer = signed_post(outputs, "/models/sensors/predict", {"instances": instances})
     assert answer.status_code == 200, answer.text
     assert answer.json()["model_version"] == version
     predictions = answer.json()["predictions"]

@@ -33,7 +33,8 @@ from moto.sagemaker import models as sagemaker_models
 from moto.sagemaker import responses as sagemaker_responses
 from moto.sagemaker.exceptions import ResourceInUseException, ValidationError
 
-from conveyor.local.training import _terminate, split_s3
+from conveyor.local.jobs import JobRunner, terminate
+from conveyor.local.training import split_s3
 
 log = logging.getLogger("localcloud.processing")
 HOST = "algo-1"
@@ -70,22 +71,24 @@ def upload_output(s3: Any, source: Path, uri: str) -> int:
     return count
 
 
-class ProcessingAdapter:
+class ProcessingAdapter(JobRunner):
     """Hooks `SageMakerResponse.create_processing_job` and `SageMakerModelBackend.stop_processing_job`.
 
     CreateProcessingJob is hooked at moto's handler, not its backend: the handler is where moto drops the
     request's `Environment` and `ProcessingResources`, which the job needs and DescribeProcessingJob shows.
     """
 
+    kind = "processing"
+
     def __init__(self, s3_factory: Callable[[], Any], workdir: Path, python: str = sys.executable) -> None:
-        self._s3_factory = s3_factory
-        self._workdir = workdir
-        self._python = python
+        super().__init__(s3_factory, workdir, python)
         self._originals: dict[tuple[type, str], Callable[..., Any]] = {}
-        self._processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._stopped: set[str] = set()
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
+
+    def job_name(self, job: Any) -> str:
+        return str(job.processing_job_name)
+
+    def _fail(self, job: Any, reason: str) -> None:
+        _finish(job, "Failed", failure_reason=reason)
 
     def install(self) -> None:
         backend = sagemaker_models.SageMakerModelBackend
@@ -136,35 +139,6 @@ class ProcessingAdapter:
         for (owner, name), original in self._originals.items():
             setattr(owner, name, original)
         self._originals = {}
-
-    def start(self, job: Any) -> None:
-        thread = threading.Thread(
-            target=self._run_safely, args=(job,), name=f"process-{job.processing_job_name}", daemon=True
-        )
-        self._threads.append(thread)
-        thread.start()
-
-    def stop(self, name: str) -> None:
-        with self._lock:
-            self._stopped.add(name)
-            process = self._processes.get(name)
-        if process is not None:
-            _terminate(process)
-
-    def stop_all(self) -> None:
-        with self._lock:
-            names = list(self._processes)
-        for name in names:
-            self.stop(name)
-        for thread in self._threads:
-            thread.join(timeout=10)
-
-    def _run_safely(self, job: Any) -> None:
-        try:
-            self._run(job)
-        except Exception as exc:
-            log.exception("processing job %s could not run", job.processing_job_name)
-            _finish(job, "Failed", failure_reason=f"ClientError: {exc}")
 
     def _run(self, job: Any) -> None:
         name = job.processing_job_name
@@ -248,7 +222,7 @@ class ProcessingAdapter:
                 self._processes[name] = process
                 stopped_while_starting = name in self._stopped
             if stopped_while_starting:
-                _terminate(process)
+                terminate(process)
             timer = threading.Timer(max_runtime, self.stop, args=(name,))
             timer.start()
             returncode = process.wait()

@@ -15,7 +15,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
@@ -29,6 +28,8 @@ from urllib.parse import urlparse
 from moto.core.utils import utcnow
 from moto.sagemaker import models as sagemaker_models
 from moto.sagemaker.exceptions import ResourceInUseException
+
+from conveyor.local.jobs import JobRunner, terminate
 
 log = logging.getLogger("localcloud.training")
 HOST = "algo-1"
@@ -59,17 +60,20 @@ def tar_directory(directory: Path, archive: Path) -> None:
             tar.add(path, arcname=str(path.relative_to(directory)), recursive=False)
 
 
-class TrainingAdapter:
+class TrainingAdapter(JobRunner):
     """Hooks `SageMakerModelBackend.create_training_job` and runs each job in a worker thread."""
 
+    kind = "training"
+
     def __init__(self, s3_factory: Callable[[], Any], workdir: Path, python: str = sys.executable) -> None:
-        self._s3_factory = s3_factory
-        self._workdir = workdir
-        self._python = python
+        super().__init__(s3_factory, workdir, python)
         self._original: Callable[..., Any] | None = None
-        self._processes: dict[str, subprocess.Popen[bytes]] = {}
-        self._threads: list[threading.Thread] = []
-        self._lock = threading.Lock()
+
+    def job_name(self, job: Any) -> str:
+        return str(job.training_job_name)
+
+    def _fail(self, job: Any, reason: str) -> None:
+        _finish(job, "Failed", failure_reason=reason)
 
     def install(self) -> None:
         backend = sagemaker_models.SageMakerModelBackend
@@ -107,28 +111,6 @@ class TrainingAdapter:
         if self._original is not None:
             sagemaker_models.SageMakerModelBackend.create_training_job = self._original  # type: ignore[method-assign]
             self._original = None
-
-    def start(self, job: Any) -> None:
-        thread = threading.Thread(
-            target=self._run_safely, args=(job,), name=f"train-{job.training_job_name}", daemon=True
-        )
-        self._threads.append(thread)
-        thread.start()
-
-    def stop_all(self) -> None:
-        with self._lock:
-            processes = list(self._processes.values())
-        for process in processes:
-            _terminate(process)
-        for thread in self._threads:
-            thread.join(timeout=10)
-
-    def _run_safely(self, job: Any) -> None:
-        try:
-            self._run(job)
-        except Exception as exc:
-            log.exception("training job %s could not run", job.training_job_name)
-            _finish(job, "Failed", failure_reason=f"ClientError: {exc}")
 
     def _run(self, job: Any) -> None:
         name = job.training_job_name
@@ -211,7 +193,7 @@ class TrainingAdapter:
             with self._lock:
                 self._processes[name] = process
             metrics = _MetricScraper(job.algorithm_specification.get("MetricDefinitions") or [])
-            timer = threading.Timer(max_runtime, _terminate, args=(process,))
+            timer = threading.Timer(max_runtime, terminate, args=(process,))
             timer.start()
             started = time.monotonic()
             assert process.stdout is not None
@@ -274,17 +256,6 @@ def _finish(
     job.secondary_status = secondary or status
     # Last, because the pipeline's polling loop acts on it.
     job.training_job_status = status
-
-
-def _terminate(process: subprocess.Popen[bytes]) -> None:
-    if process.poll() is None:
-        try:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=10)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            with_kill = process.poll() is None
-            if with_kill:
-                os.killpg(process.pid, signal.SIGKILL)
 
 
 class _MetricScraper:

@@ -1,0 +1,82 @@
+"""What the local SageMaker job adapters (training, processing) share: each job runs in a worker thread as a
+subprocess in its own process group; a job can be stopped; an error in the adapter itself fails the job
+(with the reason SageMaker would show) instead of leaving it InProgress forever."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("localcloud.jobs")
+
+
+class JobRunner:
+    """Base of the job adapters. Subclasses name their `kind`, and implement `job_name`, `_run` (the job,
+    start to finish, registering its process in `_processes` under `_lock`) and `_fail`."""
+
+    kind = "job"
+
+    def __init__(self, s3_factory: Callable[[], Any], workdir: Path, python: str = sys.executable) -> None:
+        self._s3_factory = s3_factory
+        self._workdir = workdir
+        self._python = python
+        self._processes: dict[str, subprocess.Popen[bytes]] = {}
+        self._stopped: set[str] = set()
+        self._threads: list[threading.Thread] = []
+        self._lock = threading.Lock()
+
+    def job_name(self, job: Any) -> str:
+        raise NotImplementedError
+
+    def _run(self, job: Any) -> None:
+        raise NotImplementedError
+
+    def _fail(self, job: Any, reason: str) -> None:
+        raise NotImplementedError
+
+    def start(self, job: Any) -> None:
+        thread = threading.Thread(
+            target=self._run_safely, args=(job,), name=f"{self.kind}-{self.job_name(job)}", daemon=True
+        )
+        self._threads.append(thread)
+        thread.start()
+
+    def stop(self, name: str) -> None:
+        with self._lock:
+            self._stopped.add(name)
+            process = self._processes.get(name)
+        if process is not None:
+            terminate(process)
+
+    def stop_all(self) -> None:
+        with self._lock:
+            names = list(self._processes)
+        for name in names:
+            self.stop(name)
+        for thread in self._threads:
+            thread.join(timeout=10)
+
+    def _run_safely(self, job: Any) -> None:
+        try:
+            self._run(job)
+        except Exception as exc:
+            log.exception("%s job %s could not run", self.kind, self.job_name(job))
+            self._fail(job, f"ClientError: {exc}")
+
+
+def terminate(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the job's process group (what SageMaker sends on StopTrainingJob), SIGKILL after 10 s."""
+    if process.poll() is None:
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=10)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)

@@ -1,0 +1,53 @@
+"""Helpers the integration suites share: clients, signed API calls and waits, built only from the local
+stack's outputs file, as any user would."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import boto3
+import requests
+
+from conveyor.sigv4 import sign_request
+
+
+def aws(outputs: dict, service: str):
+    """A plain boto3 client built only from the outputs file."""
+    return boto3.client(
+        service,
+        endpoint_url=outputs["EndpointUrl"],
+        region_name=outputs["Region"],
+        aws_access_key_id=outputs["AccessKeyId"],
+        aws_secret_access_key=outputs["SecretAccessKey"],
+    )
+
+
+def signed_post(outputs: dict, path: str, body: dict, secret: str | None = None) -> requests.Response:
+    """POST `body` as JSON to the local HTTPS API, signed with SigV4 (with `secret` instead, to sign wrongly)."""
+    url = outputs["ApiUrl"] + path
+    data = json.dumps(body).encode()
+    headers = sign_request(
+        "POST",
+        url,
+        data,
+        (outputs["AccessKeyId"], secret or outputs["SecretAccessKey"], None),
+        outputs["Region"],
+        headers={"Content-Type": "application/json"},
+    )
+    return requests.post(url, data=data, headers=headers, verify=outputs["CaBundle"], timeout=60)
+
+
+def wait_for_execution(sfn, machine_arn: str, prefix: str, timeout=300) -> dict:
+    """The first execution whose name starts with `prefix`, once it has finished."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = [
+            e
+            for e in sfn.list_executions(stateMachineArn=machine_arn)["executions"]
+            if e["name"].startswith(prefix)
+        ]
+        if found and found[0]["status"] != "RUNNING":
+            return sfn.describe_execution(executionArn=found[0]["executionArn"])
+        time.sleep(1)
+    raise AssertionError(f"no finished execution for {prefix} within {timeout} s")
