@@ -51,3 +51,9 @@ def wait_for_execution(sfn, machine_arn: str, prefix: str, timeout=300) -> dict:
             return sfn.describe_execution(executionArn=found[0]["executionArn"])
         time.sleep(1)
     raise AssertionError(f"no finished execution for {prefix} within {timeout} s")
+
+
+def states_entered(sfn, execution_arn: str) -> list[str]:
+    """The names of the states an execution entered, in order."""
+    events = sfn.get_execution_history(executionArn=execution_arn, maxResults=1000)["events"]
+    return [e["stateEnteredEventDetails"]["name"] for e in events if e["type"].endswith("StateEntered")]

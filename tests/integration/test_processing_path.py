@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from local_stack import aws, signed_post, wait_for_execution
+from local_stack import aws, signed_post, states_entered, wait_for_execution
 
 from conveyor.local.cloud import LocalCloud
 
@@ -32,11 +32,6 @@ def cloud(tmp_path_factory):
     local.start()
     yield local
     local.stop()
-
-
-def states_entered(sfn, execution_arn: str) -> list[str]:
-    events = sfn.get_execution_history(executionArn=execution_arn, maxResults=1000)["events"]
-    return [e["stateEnteredEventDetails"]["name"] for e in events if e["type"].endswith("StateEntered")]
 
 
 def sensor_rows(n=800, seed=21) -> bytes:

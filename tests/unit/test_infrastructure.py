@@ -5,8 +5,6 @@ import json
 import re
 from pathlib import Path
 
-import pytest
-
 from conveyor.client import OUTPUT_KEYS
 from conveyor.local.template import Stack
 
@@ -34,12 +32,111 @@ def test_no_sync_integrations_jsonata_or_variables():
     assert "JSONata" not in text and '"Assign"' not in text
 
 
-@pytest.mark.parametrize("name", sorted(tasks()))
-def test_every_task_has_a_timeout_retry_and_catch(name):
-    state = tasks()[name]
-    assert state.get("TimeoutSeconds"), name
-    assert state.get("Retry"), name
-    assert state.get("Catch"), name
+def asl_problems(definition: dict) -> list[str]:
+    """The rules every state machine definition of conveyor keeps, as readable problems (none: it keeps them).
+
+    - Every Task has TimeoutSeconds, Retry and Catch; SageMaker calls retry throttling and
+      ResourceLimitExceeded with exponential backoff.
+    - Every polling loop (a cycle of states) is bounded: a Pass in it counts polls with States.MathAdd, and a
+      Choice in it leaves the loop when that count reaches a limit.
+    """
+    states = definition["States"]
+    problems = []
+    for name, state in states.items():
+        if state["Type"] != "Task":
+            continue
+        for key in ("TimeoutSeconds", "Retry", "Catch"):
+            if not state.get(key):
+                problems.append(f"{name}: no {key}")
+        if ":sagemaker:" in state.get("Resource", ""):
+            retried = {error for rule in state.get("Retry", []) for error in rule["ErrorEquals"]}
+            backoff = all(rule.get("BackoffRate", 1) > 1 for rule in state.get("Retry", []))
+            for needed in ("SageMaker.ThrottlingException", "SageMaker.ResourceLimitExceededException"):
+                if needed not in retried:
+                    problems.append(f"{name}: does not retry {needed}")
+            if not backoff:
+                problems.append(f"{name}: retries without exponential backoff")
+    for loop in _cycles(states):
+        counted = {
+            state["ResultPath"] + ".count"
+            for name in loop
+            if (state := states[name])["Type"] == "Pass"
+            for value in state.get("Parameters", {}).values()
+            if isinstance(value, str)
+            and value.startswith("States.MathAdd(")
+            and state.get("ResultPath")
+            and value == f"States.MathAdd({state['ResultPath']}.count, 1)"
+        }
+        exits = {
+            rule["Variable"]
+            for name in loop
+            if states[name]["Type"] == "Choice"
+            for rule in states[name]["Choices"]
+            if rule.get("Next") not in loop and any(k.startswith("NumericGreaterThan") for k in rule)
+        }
+        if not counted & exits:
+            problems.append(
+                f"polling loop {sorted(loop)} has no bound (a counted poll and a Choice leaving at a limit)"
+            )
+    return problems
+
+
+def _cycles(states: dict) -> list[set[str]]:
+    """The strongly connected parts of the Next/Default/Choices graph that hold a cycle (Tarjan)."""
+    edges = {
+        name: [state[k] for k in ("Next", "Default") if k in state]
+        + [c["Next"] for c in state.get("Choices", [])]
+        for name, state in states.items()
+    }
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[set[str]] = []
+
+    def visit(name: str) -> None:
+        index[name] = low[name] = len(index)
+        stack.append(name)
+        for target in edges[name]:
+            if target not in index:
+                visit(target)
+                low[name] = min(low[name], low[target])
+            elif target in stack:
+                low[name] = min(low[name], index[target])
+        if low[name] == index[name]:
+            part = set()
+            while True:
+                member = stack.pop()
+                part.add(member)
+                if member == name:
+                    break
+            if len(part) > 1 or name in edges[name]:
+                found.append(part)
+
+    for name in states:
+        if name not in index:
+            visit(name)
+    return found
+
+
+def test_the_pipeline_keeps_the_asl_rules():
+    assert asl_problems(ASL) == []
+    assert len(_cycles(ASL["States"])) == 3  # processing, training and endpoint polling
+
+
+def test_the_asl_rules_catch_a_missing_timeout_retry_catch_or_loop_bound():
+    broken = json.loads(json.dumps(ASL))
+    states = broken["States"]
+    del states["StartTrainingJob"]["TimeoutSeconds"]
+    states["DescribeEndpoint"]["Retry"] = [{"ErrorEquals": ["States.ALL"], "MaxAttempts": 3}]
+    del states["CreateModel"]["Catch"]
+    states["TrainingFinished?"]["Default"] = "WaitForTraining"  # the poll counter bypassed
+    problems = asl_problems(broken)
+    assert "StartTrainingJob: no TimeoutSeconds" in problems
+    assert "CreateModel: no Catch" in problems
+    assert "DescribeEndpoint: does not retry SageMaker.ThrottlingException" in problems
+    assert "DescribeEndpoint: retries without exponential backoff" in problems
+    assert any(p.startswith("polling loop") and "WaitForTraining" in p for p in problems)
+    assert len(problems) == 6  # ...and DescribeEndpoint's ResourceLimitExceeded
 
 
 def test_every_state_is_reachable_and_every_next_exists():

@@ -25,9 +25,11 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+from moto.core.responses import ActionResult
 from moto.core.utils import utcnow
 from moto.sagemaker import models as sagemaker_models
-from moto.sagemaker.exceptions import ResourceInUseException
+from moto.sagemaker import responses as sagemaker_responses
+from moto.sagemaker.exceptions import ResourceInUseException, ValidationError
 
 from conveyor.local.jobs import JobRunner, terminate
 
@@ -105,12 +107,30 @@ class TrainingAdapter(JobRunner):
             adapter.start(job)
             return job
 
+        def stop_training_job(response_self: Any) -> ActionResult:
+            # moto 5.2.5 has no StopTrainingJob: SageMaker's is "InProgress → Stopping → Stopped", with the
+            # algorithm sent SIGTERM (the pipeline calls it when a polling loop runs out of polls).
+            name = response_self._get_param("TrainingJobName")
+            job = response_self.sagemaker_backend.training_jobs.get(name)
+            if job is None:
+                raise ValidationError(message=f"Requested resource not found: training job {name}")
+            if job.training_job_status != "InProgress":
+                raise ValidationError(
+                    message=f"Training job {name} is {job.training_job_status}: only an InProgress job can be stopped"
+                )
+            job.training_job_status = "Stopping"
+            adapter.stop(name)
+            return ActionResult({})
+
         backend.create_training_job = create_training_job  # type: ignore[method-assign]
+        sagemaker_responses.SageMakerResponse.stop_training_job = stop_training_job  # type: ignore[attr-defined]
 
     def uninstall(self) -> None:
         if self._original is not None:
             sagemaker_models.SageMakerModelBackend.create_training_job = self._original  # type: ignore[method-assign]
             self._original = None
+        if hasattr(sagemaker_responses.SageMakerResponse, "stop_training_job"):
+            del sagemaker_responses.SageMakerResponse.stop_training_job
 
     def _run(self, job: Any) -> None:
         name = job.training_job_name
@@ -181,6 +201,10 @@ class TrainingAdapter(JobRunner):
         log.info("training job %s: running %s %s", name, program, " ".join(arguments))
         max_runtime = int((job.stopping_condition or {}).get("MaxRuntimeInSeconds", 86400))
         log_path = root / "training.log"
+        with self._lock:
+            if name in self._stopped:  # stopped while its inputs were downloading
+                _finish(job, "Stopped", secondary="Stopped")
+                return
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
                 [self._python, program, *arguments],
@@ -192,6 +216,9 @@ class TrainingAdapter(JobRunner):
             )
             with self._lock:
                 self._processes[name] = process
+                stopped_while_starting = name in self._stopped
+            if stopped_while_starting:
+                terminate(process)
             metrics = _MetricScraper(job.algorithm_specification.get("MetricDefinitions") or [])
             timer = threading.Timer(max_runtime, terminate, args=(process,))
             timer.start()
@@ -209,7 +236,12 @@ class TrainingAdapter(JobRunner):
         job.final_metric_data_list = metrics.final()
         elapsed = time.monotonic() - started
 
-        if returncode == 0:
+        with self._lock:
+            stopped = name in self._stopped
+        if stopped:
+            log.info("training job %s stopped after %.1f s", name, elapsed)
+            _finish(job, "Stopped", secondary="Stopped", seconds=elapsed)
+        elif returncode == 0:
             job.secondary_status = "Uploading"
             bucket, key = split_s3(job.model_artifacts["S3ModelArtifacts"])
             tar_directory(model, root / "model.tar.gz")
