@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import requests
-from local_stack import aws, signed_post, wait_for_execution
+from local_stack import aws, signed_post, states_entered, wait_for_execution
+from moto.sagemaker import models as sagemaker_models
+from moto.sagemaker.exceptions import SagemakerClientError
 
 from conveyor import client
 from conveyor.local.cloud import LocalCloud
@@ -318,3 +320,38 @@ def test_datasets_of_other_shapes_train_and_serve(cloud, outputs_file, tmp_path,
         )
         majority = Counter(r[column] for r in rows).most_common(1)[0][1] / len(rows)
         assert accuracy > majority + 0.2, (accuracy, majority)
+
+
+class _Throttled(SagemakerClientError):
+    code = "ThrottlingException"
+
+
+@pytest.mark.filterwarnings("ignore:Exception\\(_Throttled\\):UserWarning")  # moto: not in the service model
+def test_a_sagemaker_error_the_pipeline_cannot_get_past_fails_it_with_the_cause_and_deploys_nothing(
+    cloud, monkeypatch
+):
+    """The emulator answers CreateModel with ThrottlingException. (On AWS the Retry of SageMaker.Throttling-
+    Exception would absorb a few; moto 5.2.5 names every aws-sdk service error States.Runtime, so locally
+    it is the failure path that this exercises: docs/local-mode.md.)"""
+    calls: list[str] = []
+
+    def create_model(backend, *args, **kwargs):
+        calls.append(kwargs.get("model_name", ""))
+        raise _Throttled("Rate exceeded")
+
+    monkeypatch.setattr(sagemaker_models.SageMakerModelBackend, "create_model", create_model)
+    outputs = cloud.outputs
+    s3, sfn, sagemaker = aws(outputs, "s3"), aws(outputs, "stepfunctions"), aws(outputs, "sagemaker")
+    raw = outputs["RawBucketName"]
+    s3.put_object(Bucket=raw, Key="datasets/throttled/conveyor.json", Body=b'{"target": "Kind"}')
+    s3.put_object(Bucket=raw, Key="datasets/throttled/data.csv", Body=to_csv(three_class_rows(seed=12)))
+    execution = wait_for_execution(sfn, outputs["StateMachineArn"], "throttled-")
+
+    assert execution["status"] == "FAILED"
+    assert execution["error"] == "PipelineFailed"
+    assert execution["cause"].startswith("States.Runtime: ") and "ThrottlingException" in execution["cause"]
+    assert calls, "CreateModel was called"
+    entered = states_entered(sfn, execution["executionArn"])
+    assert "NotifyFailed" in entered and "CreateEndpoint" not in entered and "UpdateEndpoint" not in entered
+    endpoints = [e["EndpointName"] for e in sagemaker.list_endpoints()["Endpoints"]]
+    assert "conveyor-throttled" not in endpoints
