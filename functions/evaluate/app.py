@@ -13,7 +13,7 @@ from botocore.exceptions import ClientError
 
 from common import aws
 from common.config import Settings
-from evaluate.core import evaluation_from_tarball, gate
+from evaluate.core import EvaluationError, evaluation_from_tarball, gate, metric_value
 
 logger = Logger()
 tracer = Tracer()
@@ -50,6 +50,35 @@ def _ensure_model_package_group(name: str, dataset: str) -> None:
     logger.info("created model package group", extra={"group": name})
 
 
+def _champion(group: str, metric: str) -> dict[str, Any] | None:
+    """The dataset's champion: its latest Approved model package, with its value of `metric` (None when
+    the group has no approved package yet, or the champion's evaluation lacks that metric)."""
+    sagemaker = aws.client("sagemaker")
+    packages = sagemaker.list_model_packages(
+        ModelPackageGroupName=group,
+        ModelApprovalStatus="Approved",
+        SortBy="CreationTime",
+        SortOrder="Descending",
+        MaxResults=10,
+    )["ModelPackageSummaryList"]
+    if not packages:
+        return None
+    latest = max(packages, key=lambda p: p["CreationTime"])  # not every emulator honours SortBy
+    package = sagemaker.describe_model_package(ModelPackageName=latest["ModelPackageArn"])
+    statistics = package["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]
+    bucket, key = _split_s3(statistics)
+    evaluation = json.loads(aws.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
+    try:
+        value = metric_value(evaluation, metric)
+    except EvaluationError:
+        logger.warning(
+            "the champion has no value for the gate's metric: threshold only", extra={"metric": metric}
+        )
+        return None
+    version = (package.get("CustomerMetadataProperties") or {}).get("version")
+    return {"value": value, "version": version, "package": latest["ModelPackageArn"]}
+
+
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
@@ -71,8 +100,16 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         Body=json.dumps(evaluation).encode(),
         ContentType="application/json",
     )
-    decision = gate(evaluation, event["gate"].get("metric"), event["gate"].get("threshold"))
     _ensure_model_package_group(names["model_package_group"], event["dataset"])
+    metric = event["gate"].get("metric") or (evaluation.get("conveyor") or {}).get("metric")
+    champion = _champion(names["model_package_group"], metric) if metric else None
+    decision = gate(
+        evaluation,
+        event["gate"].get("metric"),
+        event["gate"].get("threshold"),
+        champion=champion,
+        margin=float(event["gate"].get("margin") or 0.0),
+    )
     result = {
         **decision,
         "model_data_url": model_data_url,

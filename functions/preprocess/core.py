@@ -106,9 +106,12 @@ class DatasetSpec:
     metric: str | None = None
     threshold: float | None = None
     drop_duplicates: bool = True
+    margin: float = 0.0
     hyperparameters: dict[str, Any] = field(default_factory=dict)
 
-    KEYS = frozenset({"target", "task", "metric", "threshold", "drop_duplicates", "hyperparameters"})
+    KEYS = frozenset(
+        {"target", "task", "metric", "threshold", "drop_duplicates", "margin", "hyperparameters"}
+    )
 
     @classmethod
     def from_json(cls, document: Any) -> DatasetSpec:
@@ -131,6 +134,9 @@ class DatasetSpec:
         threshold = document.get("threshold")
         if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
             raise DatasetRejected("conveyor.json: threshold must be a number")
+        margin = document.get("margin", 0.0)
+        if isinstance(margin, bool) or not isinstance(margin, int | float) or margin < 0:
+            raise DatasetRejected("conveyor.json: margin must be a number of at least 0")
         drop_duplicates = document.get("drop_duplicates", True)
         if not isinstance(drop_duplicates, bool):
             raise DatasetRejected("conveyor.json: drop_duplicates must be true or false")
@@ -143,6 +149,7 @@ class DatasetSpec:
             metric=document.get("metric"),
             threshold=None if threshold is None else float(threshold),
             drop_duplicates=drop_duplicates,
+            margin=float(margin),
             hyperparameters=hps,
         )
 

@@ -355,3 +355,55 @@ def test_a_sagemaker_error_the_pipeline_cannot_get_past_fails_it_with_the_cause_
     assert "NotifyFailed" in entered and "CreateEndpoint" not in entered and "UpdateEndpoint" not in entered
     endpoints = [e["EndpointName"] for e in sagemaker.list_endpoints()["Endpoints"]]
     assert "conveyor-throttled" not in endpoints
+
+
+def test_a_challenger_deploys_only_if_it_beats_the_champion(cloud):
+    outputs = cloud.outputs
+    s3, sfn, sagemaker = (aws(outputs, s) for s in ("s3", "stepfunctions", "sagemaker"))
+    raw, key = outputs["RawBucketName"], "datasets/gated/data.csv"
+    good = to_csv(three_class_rows(seed=21))
+    s3.put_object(Bucket=raw, Key="datasets/gated/conveyor.json", Body=b'{"target": "Kind"}')
+
+    def run(body: bytes) -> dict:
+        before = {
+            e["name"] for e in sfn.list_executions(stateMachineArn=outputs["StateMachineArn"])["executions"]
+        }
+        s3.put_object(Bucket=raw, Key=key, Body=body)
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            new = [
+                e
+                for e in sfn.list_executions(stateMachineArn=outputs["StateMachineArn"])["executions"]
+                if e["name"].startswith("gated-") and e["name"] not in before and e["status"] != "RUNNING"
+            ]
+            if new:
+                return sfn.describe_execution(executionArn=new[0]["executionArn"])
+            time.sleep(1)
+        raise AssertionError("no execution finished")
+
+    first = run(good)
+    assert json.loads(first["output"])["outcome"] == "deployed", first.get("cause")
+    champion_config = sagemaker.describe_endpoint(EndpointName="conveyor-gated")["EndpointConfigName"]
+
+    # A worse challenger (labels shuffled) must not replace the champion.
+    rows = three_class_rows(seed=21)
+    kinds = [row["Kind"] for row in rows]
+    random.Random(3).shuffle(kinds)
+    worse = run(to_csv([{**row, "Kind": kind} for row, kind in zip(rows, kinds, strict=True)]))
+    summary = json.loads(worse["output"])
+    assert summary["outcome"] == "rejected"
+    assert "champion" in summary["reason"] or "threshold" in summary["reason"], summary["reason"]
+    assert sagemaker.describe_endpoint(EndpointName="conveyor-gated")["EndpointConfigName"] == champion_config
+    packages = sagemaker.list_model_packages(ModelPackageGroupName="conveyor-gated")[
+        "ModelPackageSummaryList"
+    ]
+    assert sorted(p["ModelApprovalStatus"] for p in packages) == ["Approved", "Rejected"]
+
+    # The same data again trains the same model (seeded): as good as the champion, so it deploys.
+    again = run(good)
+    summary = json.loads(again["output"])
+    assert summary["outcome"] == "deployed", summary
+    assert summary["champion"]["version"] == json.loads(first["output"])["version"]
+    assert "beats the champion" in summary["reason"]
+    serving = sagemaker.describe_endpoint(EndpointName="conveyor-gated")["EndpointConfigName"]
+    assert serving != champion_config and serving.endswith(summary["version"])

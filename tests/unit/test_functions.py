@@ -159,17 +159,49 @@ def evaluation(task="classification", value=0.9, baseline=0.6):
 
 
 def test_gate_defaults_to_beating_the_baseline_and_honours_the_spec():
-    assert gate(evaluation(), None, None) == {
+    decision = gate(evaluation(), None, None)
+    assert {k: decision[k] for k in ("metric", "value", "threshold", "baseline", "deploy", "champion")} == {
         "metric": "accuracy",
         "value": 0.9,
         "threshold": 0.6,
         "baseline": 0.6,
+        "deploy": True,
+        "champion": None,
     }
+    assert decision["reason"] == "accuracy = 0.9 is above the threshold 0.6; no champion yet"
+    assert gate(evaluation(value=0.5), None, None)["deploy"] is False
     assert gate(evaluation(), "f1", 0.8)["value"] == 0.7
     with pytest.raises(EvaluationError, match="no baseline"):
         gate(evaluation(), "f1", None)
     with pytest.raises(EvaluationError, match="no metric"):
         gate(evaluation(), "auc", 0.5)
+
+
+@pytest.mark.parametrize(
+    ("value", "champion", "margin", "deploy", "says"),
+    [
+        (0.90, 0.85, 0.0, True, "beats the champion (version v1: 0.85)"),
+        (0.90, 0.90, 0.0, True, "beats"),  # as good as the champion: not worse
+        (0.88, 0.85, 0.05, False, "does not beat the champion (version v1: 0.85) by the margin 0.05"),
+        (0.80, 0.85, 0.0, False, "does not beat"),
+        (0.55, 0.50, 0.0, False, "not above the threshold 0.6"),  # the threshold first, champion or not
+    ],
+)
+def test_the_gate_compares_the_challenger_with_the_champion(value, champion, margin, deploy, says):
+    decision = gate(
+        evaluation(value=value), None, None, champion={"value": champion, "version": "v1"}, margin=margin
+    )
+    assert decision["deploy"] is deploy
+    assert says in decision["reason"]
+
+
+def test_for_an_error_metric_lower_is_better():
+    doc = evaluation()
+    doc["regression_metrics"] = {"rmse": {"value": 3.0}}
+    assert gate(doc, "rmse", 4.0)["deploy"] is True
+    assert gate(doc, "rmse", 2.0)["deploy"] is False
+    assert gate(doc, "rmse", 4.0, champion={"value": 3.5, "version": "v1"})["deploy"] is True
+    assert gate(doc, "rmse", 4.0, champion={"value": 2.9, "version": "v1"})["deploy"] is False
 
 
 def test_evaluation_is_read_from_the_jobs_output_tarball():

@@ -201,7 +201,7 @@ def test_the_processing_execution_input_trains_like_the_lambdas_and_leaves_infer
         assert given[key] == usual[key], key
     assert given["task"] is None and given["target"] is None
     # Evaluate takes the metric from evaluation.json when the spec names none (evaluate/core.py gate()).
-    assert given["gate"] == {"metric": None, "threshold": 0.7}
+    assert given["gate"] == {"metric": None, "threshold": 0.7, "margin": 0.0}
     job = given["preprocessing"]
     assert job["mode"] == "processing"
     assert job["job_name"] == "conveyor-churn-20261122T175500Z-1a2b3c"
