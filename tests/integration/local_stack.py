@@ -57,3 +57,20 @@ def states_entered(sfn, execution_arn: str) -> list[str]:
     """The names of the states an execution entered, in order."""
     events = sfn.get_execution_history(executionArn=execution_arn, maxResults=1000)["events"]
     return [e["stateEnteredEventDetails"]["name"] for e in events if e["type"].endswith("StateEntered")]
+
+
+class Inbox:
+    """An SQS queue subscribed to the stack's notification topic: hears notifications as a subscriber."""
+
+    def __init__(self, outputs: dict, name: str) -> None:
+        self._sqs = aws(outputs, "sqs")
+        self.url = self._sqs.create_queue(QueueName=name)["QueueUrl"]
+        arn = self._sqs.get_queue_attributes(QueueUrl=self.url, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
+        aws(outputs, "sns").subscribe(TopicArn=outputs["NotificationTopicArn"], Protocol="sqs", Endpoint=arn)
+
+    def messages(self) -> list[dict]:
+        """The notifications received so far (waiting up to 5 s for the first)."""
+        received = self._sqs.receive_message(QueueUrl=self.url, MaxNumberOfMessages=10, WaitTimeSeconds=5)
+        return [json.loads(json.loads(m["Body"])["Message"]) for m in received.get("Messages", [])]

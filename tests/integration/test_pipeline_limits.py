@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from local_stack import aws, states_entered, wait_for_execution
+from local_stack import Inbox, aws, states_entered, wait_for_execution
 
 from conveyor.local.cloud import LocalCloud
 
@@ -34,14 +34,8 @@ def rows(n=300, seed=5) -> bytes:
 
 def test_a_training_loop_out_of_polls_stops_the_job_fails_and_notifies(cloud):
     outputs = cloud.outputs
-    s3, sfn, sagemaker, sqs, sns = (
-        aws(outputs, s) for s in ("s3", "stepfunctions", "sagemaker", "sqs", "sns")
-    )
-    inbox = sqs.create_queue(QueueName="limit-notifications")["QueueUrl"]
-    inbox_arn = sqs.get_queue_attributes(QueueUrl=inbox, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    sns.subscribe(TopicArn=outputs["NotificationTopicArn"], Protocol="sqs", Endpoint=inbox_arn)
+    s3, sfn, sagemaker = (aws(outputs, s) for s in ("s3", "stepfunctions", "sagemaker"))
+    inbox = Inbox(outputs, "limit-notifications")
 
     s3.put_object(Bucket=outputs["RawBucketName"], Key="datasets/slow/data.csv", Body=rows())
     execution = wait_for_execution(sfn, outputs["StateMachineArn"], "slow-", timeout=180)
@@ -64,8 +58,5 @@ def test_a_training_loop_out_of_polls_stops_the_job_fails_and_notifies(cloud):
     ) != "Stopped":
         assert status in ("InProgress", "Stopping") and time.monotonic() < deadline, status
         time.sleep(0.5)
-    messages = sqs.receive_message(QueueUrl=inbox, MaxNumberOfMessages=10, WaitTimeSeconds=5).get(
-        "Messages", []
-    )
-    (notice,) = [json.loads(json.loads(m["Body"])["Message"]) for m in messages]
+    (notice,) = inbox.messages()
     assert notice["outcome"] == "failed" and notice["error"] == "PollLimitExceeded"

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from local_stack import aws, signed_post, states_entered, wait_for_execution
+from local_stack import Inbox, aws, signed_post, states_entered, wait_for_execution
 
 from conveyor.local.cloud import LocalCloud
 
@@ -106,15 +106,8 @@ def test_a_big_upload_is_preprocessed_by_a_processing_job_then_trained_and_serve
 
 def test_a_big_unusable_upload_is_quarantined_by_the_job_and_nothing_trains(cloud):
     outputs = cloud.outputs
-    s3, sfn, sns, sqs, sagemaker = (
-        aws(outputs, s) for s in ("s3", "stepfunctions", "sns", "sqs", "sagemaker")
-    )
-    # Hear the notification as a subscriber would.
-    queue_url = sqs.create_queue(QueueName="quarantine-notifications")["QueueUrl"]
-    queue_arn = sqs.get_queue_attributes(QueueUrl=queue_url, AttributeNames=["QueueArn"])["Attributes"][
-        "QueueArn"
-    ]
-    sns.subscribe(TopicArn=outputs["NotificationTopicArn"], Protocol="sqs", Endpoint=queue_arn)
+    s3, sfn, sagemaker = (aws(outputs, s) for s in ("s3", "stepfunctions", "sagemaker"))
+    inbox = Inbox(outputs, "quarantine-notifications")
     body = b"reading,station,label\n" + b"".join(f"{i},{i % 9},same\n".encode() for i in range(600))
     assert len(body) > THRESHOLD
     key = "datasets/flat/readings.csv"
@@ -142,10 +135,7 @@ def test_a_big_unusable_upload_is_quarantined_by_the_job_and_nothing_trains(clou
     )
     assert s3.get_object(Bucket=outputs["RawBucketName"], Key=key)["Body"].read() == body
 
-    messages = sqs.receive_message(QueueUrl=queue_url, MaxNumberOfMessages=10, WaitTimeSeconds=5).get(
-        "Messages", []
-    )
-    notes = [json.loads(json.loads(m["Body"])["Message"]) for m in messages]
+    notes = inbox.messages()
     assert {"outcome": "quarantined", "report": report_uri}.items() <= notes[-1].items()
 
 
