@@ -123,6 +123,12 @@ def test_the_pipeline_keeps_the_asl_rules():
     assert len(_cycles(ASL["States"])) == 3  # processing, training and endpoint polling
 
 
+def test_every_state_is_explained_for_operators():
+    text = (ROOT / "docs" / "pipeline.md").read_text()
+    missing = [name for name in ASL["States"] if f"`{name}`" not in text]
+    assert missing == [], f"docs/pipeline.md does not explain {missing}"
+
+
 def test_the_asl_rules_catch_a_missing_timeout_retry_catch_or_loop_bound():
     broken = json.loads(json.dumps(ASL))
     states = broken["States"]
