@@ -35,7 +35,13 @@ from conveyor.local.training import TrainingAdapter
 log = logging.getLogger("localcloud")
 # Template parameters that make sense on a laptop: no GPU instance is involved, and polling every
 # minute would make the demo take an hour.
-LOCAL_PARAMETERS = {"PollIntervalSeconds": "1", "TrainingInstanceType": "ml.m5.xlarge"}
+LOCAL_PARAMETERS = {
+    "PollIntervalSeconds": "1",
+    "TrainingInstanceType": "ml.m5.xlarge",
+    # A model update bakes for seconds, not the ten minutes an account would want.
+    "DeploymentWaitSeconds": "4",
+    "TerminationWaitSeconds": "2",
+}
 
 
 class LocalCloudError(RuntimeError):

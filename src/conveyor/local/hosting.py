@@ -6,12 +6,22 @@ canned body. Here CreateEndpoint starts `conveyor.local.model_server` on the mod
 config's server beside the old one and moves traffic only after the new one is healthy, otherwise it
 keeps the old one serving (a rollback, visible as the old EndpointConfigName); InvokeEndpoint forwards to
 the server that currently owns the endpoint.
+
+UpdateEndpoint honours a blue/green DeploymentConfig as SageMaker's deployment guardrails do: a CANARY
+sends CanarySize percent of the requests to the new (green) server for WaitIntervalInSeconds, then all of
+them; ALL_AT_ONCE sends all of them at once and bakes as long; the old (blue) server then stays up for
+TerminationWaitInSeconds. Throughout, the AutoRollbackConfiguration alarms (read from CloudWatch, as
+PutMetricAlarm left them) are evaluated against what the green server really answered: its 5XX count
+(Invocation5XXErrors) and mean latency (ModelLatency, microseconds). An alarm that trips sets that
+CloudWatch alarm to ALARM, sends all traffic back to blue, stops green and leaves the endpoint InService
+on its old config with a FailureReason naming the alarm, as a SageMaker rollback does.
 """
 
 from __future__ import annotations
 
 import http.client
 import logging
+import random
 import shutil
 import socket
 import subprocess
@@ -20,11 +30,12 @@ import tarfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
+from moto.cloudwatch.models import cloudwatch_backends
 from moto.core.exceptions import ServiceException
 from moto.core.responses import ActionResult
 from moto.core.utils import utcnow
@@ -62,6 +73,21 @@ class Server:
     port: int
     process: subprocess.Popen[bytes]
     model_dir: Path
+    # What this server answered since it started: the figures its CloudWatch alarms are evaluated on.
+    errors_5xx: int = 0
+    latencies_us: list[float] = field(default_factory=list)
+
+
+@dataclass
+class Canary:
+    """A blue/green update in progress: `share` of the requests go to `green`, the rest to the blue server."""
+
+    green: Server
+    share: float
+
+
+class RolledBack(Exception):
+    """An auto-rollback alarm tripped during an update."""
 
 
 def free_port() -> int:
@@ -77,6 +103,7 @@ class HostingAdapter:
         self._workdir = workdir
         self._python = python
         self._serving: dict[str, Server] = {}  # endpoint name → the server that takes its traffic
+        self._canaries: dict[str, Canary] = {}  # endpoint name → the update that shares its traffic
         self._all: list[Server] = []
         self._lock = threading.Lock()
         self._saved: dict[tuple[type, str], Any] = {}
@@ -109,7 +136,12 @@ class HostingAdapter:
             adapter._in_background(adapter._deploy, backend_self, endpoint, endpoint_config_name, False)
             return endpoint
 
-        def update_endpoint(backend_self: Any, endpoint_name: str, endpoint_config_name: str) -> Any:
+        def update_endpoint(
+            backend_self: Any,
+            endpoint_name: str,
+            endpoint_config_name: str,
+            deployment_config: dict[str, Any] | None = None,
+        ) -> Any:
             endpoint = backend_self.endpoints.get(endpoint_name)
             if endpoint is None:
                 raise ValidationError(message=f'Could not find endpoint "{endpoint_name}".')
@@ -118,14 +150,19 @@ class HostingAdapter:
                     message=f"Cannot update endpoint {endpoint_name} while it is {endpoint.endpoint_status}."
                 )
             backend_self.describe_endpoint_config(endpoint_config_name)  # raises if it does not exist
+            rollout = Rollout.from_config(deployment_config or {}, adapter._alarms(backend_self))
             endpoint.endpoint_status = "Updating"
-            adapter._in_background(adapter._deploy, backend_self, endpoint, endpoint_config_name, True)
+            endpoint.failure_reason = None
+            adapter._in_background(
+                adapter._deploy, backend_self, endpoint, endpoint_config_name, True, rollout
+            )
             return endpoint
 
         def update_endpoint_response(response_self: Any) -> ActionResult:
             endpoint = response_self.sagemaker_backend.update_endpoint(
                 endpoint_name=response_self._get_param("EndpointName"),
                 endpoint_config_name=response_self._get_param("EndpointConfigName"),
+                deployment_config=response_self._get_param("DeploymentConfig"),
             )
             return ActionResult({"EndpointArn": endpoint.arn})
 
@@ -160,7 +197,14 @@ class HostingAdapter:
             target=target, args=args, daemon=True, name=f"endpoint-{args[1].endpoint_name}"
         ).start()
 
-    def _deploy(self, backend: Any, endpoint: Any, endpoint_config_name: str, is_update: bool) -> None:
+    def _deploy(
+        self,
+        backend: Any,
+        endpoint: Any,
+        endpoint_config_name: str,
+        is_update: bool,
+        rollout: Rollout | None = None,
+    ) -> None:
         name = endpoint.endpoint_name
         try:
             config = backend.describe_endpoint_config(endpoint_config_name)
@@ -178,16 +222,56 @@ class HostingAdapter:
             endpoint.endpoint_status = "InService" if is_update else "Failed"
             return
         with self._lock:
+            blue = self._serving.get(name)
+        if is_update and blue is not None and rollout is not None:
+            try:
+                self._roll_out(name, blue, server, rollout)
+            except RolledBack as exc:
+                log.warning("endpoint %s: %s rolled back: %s", name, endpoint_config_name, exc)
+                with self._lock:
+                    self._canaries.pop(name, None)
+                    self._serving[name] = blue
+                self._stop_server(server)
+                endpoint.failure_reason = f"Rolled back {endpoint_config_name}: {exc}"[:1024]
+                endpoint.last_modified_time = utcnow()
+                endpoint.endpoint_status = "InService"
+                return
+        with self._lock:
             previous = self._serving.get(name)
             self._serving[name] = server
+            self._canaries.pop(name, None)
         endpoint.endpoint_config_name = endpoint_config_name
         endpoint.production_variants = config["ProductionVariants"]
         endpoint.last_modified_time = utcnow()
         endpoint.endpoint_status = "InService"
         log.info("endpoint %s serves %s on port %d", name, endpoint_config_name, server.port)
-        if previous is not None:
+        if previous is not None and previous is not server:
             # In-flight requests on the old server get a moment to finish before it goes.
             threading.Timer(5.0, self._stop_server, args=(previous,)).start()
+
+    def _roll_out(self, name: str, blue: Server, green: Server, rollout: Rollout) -> None:
+        """Shift traffic from blue to green as the rollout says, watching its alarms; raise RolledBack."""
+        steps = [(rollout.canary_share, rollout.wait_seconds)] if rollout.canary_share < 1 else []
+        steps.append((1.0, rollout.wait_seconds if not steps else 0.0))
+        steps.append((1.0, rollout.termination_wait_seconds))
+        for share, seconds in steps:
+            with self._lock:
+                self._canaries[name] = Canary(green, share)
+            log.info(
+                "endpoint %s: %.0f%% of traffic on %s for %.0f s", name, 100 * share, green.variant, seconds
+            )
+            deadline = time.monotonic() + seconds
+            while True:
+                for alarm in rollout.alarms:
+                    if alarm.trips(green):
+                        alarm.raise_in_cloudwatch(green)
+                        raise RolledBack(alarm.explain(green))
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+    def _alarms(self, backend: Any) -> Any:
+        return cloudwatch_backends[backend.account_id][backend.region_name]
 
     def _start_server(self, endpoint: str, endpoint_config: str, variant: str, model_data_url: str) -> Server:
         model_dir = self._workdir / "endpoints" / endpoint / endpoint_config / "model"
@@ -252,11 +336,15 @@ class HostingAdapter:
     def invoke(self, endpoint_name: str, body: str, accept: str) -> tuple[str, str, str]:
         with self._lock:
             server = self._serving.get(endpoint_name)
+            canary = self._canaries.get(endpoint_name)
+            if canary is not None and random.random() < canary.share:
+                server = canary.green
         if server is None:
             raise RuntimeValidationError(
                 f"Endpoint {endpoint_name} of account 123456789012 not found or not InService."
             )
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        started = time.perf_counter()
         try:
             connection.request(
                 "POST",
@@ -266,8 +354,14 @@ class HostingAdapter:
             )
             response = connection.getresponse()
             answer = response.read().decode()
+        except OSError:
+            server.errors_5xx += 1
+            raise
         finally:
             connection.close()
+        server.latencies_us.append((time.perf_counter() - started) * 1e6)
+        if response.status >= 500:
+            server.errors_5xx += 1
         if response.status != 200:
             raise ModelError(response.status, answer, f"/aws/sagemaker/Endpoints/{endpoint_name}")
         return answer, response.getheader("Content-Type") or "application/json", server.variant
@@ -278,3 +372,94 @@ class HostingAdapter:
             self._serving.clear()
         for server in servers:
             self._stop_server(server)
+
+
+@dataclass
+class Alarm:
+    """One auto-rollback alarm, evaluated on what a green server answered (its one datapoint: the bake)."""
+
+    name: str
+    metric: str
+    threshold: float
+    comparison: str
+    backend: Any
+
+    def value(self, server: Server) -> float | None:
+        if self.metric == "Invocation5XXErrors":
+            return float(server.errors_5xx)
+        if self.metric == "ModelLatency" and server.latencies_us:
+            return sum(server.latencies_us) / len(server.latencies_us)
+        return None  # missing data does not breach (TreatMissingData: notBreaching)
+
+    def trips(self, server: Server) -> bool:
+        value = self.value(server)
+        if value is None:
+            return False
+        return {
+            "GreaterThanOrEqualToThreshold": value >= self.threshold,
+            "GreaterThanThreshold": value > self.threshold,
+            "LessThanThreshold": value < self.threshold,
+            "LessThanOrEqualToThreshold": value <= self.threshold,
+        }.get(self.comparison, False)
+
+    def explain(self, server: Server) -> str:
+        return (
+            f"alarm {self.name} went into ALARM: {self.metric} of {server.variant} was "
+            f"{self.value(server):g}, threshold {self.threshold:g}"
+        )
+
+    def raise_in_cloudwatch(self, server: Server) -> None:
+        self.backend.set_alarm_state(self.name, self.explain(server), "{}", "ALARM")
+
+
+@dataclass
+class Rollout:
+    """A blue/green DeploymentConfig, with its alarms read from CloudWatch."""
+
+    canary_share: float
+    wait_seconds: float
+    termination_wait_seconds: float
+    alarms: list[Alarm]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], cloudwatch: Any) -> Rollout:
+        policy = config.get("BlueGreenUpdatePolicy") or {}
+        routing = policy.get("TrafficRoutingConfiguration") or {
+            "Type": "ALL_AT_ONCE",
+            "WaitIntervalInSeconds": 0,
+        }
+        kind = routing.get("Type")
+        if kind not in ("ALL_AT_ONCE", "CANARY"):
+            raise ValidationError(
+                message=f"Local mode supports ALL_AT_ONCE and CANARY traffic routing, not {kind}."
+            )
+        share = 1.0
+        if kind == "CANARY":
+            size = routing.get("CanarySize") or {}
+            if size.get("Type") != "CAPACITY_PERCENT" or not 1 <= int(size.get("Value", 0)) <= 50:
+                raise ValidationError(
+                    message="CanarySize must be CAPACITY_PERCENT between 1 and 50 in local mode "
+                    "(SageMaker allows at most half of the fleet as the canary)."
+                )
+            share = int(size["Value"]) / 100
+        names = [a["AlarmName"] for a in (config.get("AutoRollbackConfiguration") or {}).get("Alarms", [])]
+        found = {alarm.name: alarm for alarm in cloudwatch.get_alarms_by_alarm_names(names)}
+        missing = [name for name in names if name not in found]
+        if missing:
+            raise ValidationError(message=f"The auto-rollback alarms {', '.join(missing)} do not exist.")
+        alarms = [
+            Alarm(
+                name,
+                found[name].metric_name,
+                float(found[name].threshold),
+                found[name].comparison_operator,
+                cloudwatch,
+            )
+            for name in names
+        ]
+        return cls(
+            canary_share=share,
+            wait_seconds=float(routing.get("WaitIntervalInSeconds", 0)),
+            termination_wait_seconds=float(policy.get("TerminationWaitInSeconds", 0)),
+            alarms=alarms,
+        )

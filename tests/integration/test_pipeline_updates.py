@@ -1,0 +1,175 @@
+"""Model updates on the local stack, as blue/green with a canary: clients never notice a good update, and a
+bad new model is rolled back while the old one keeps serving (issue 6, must-shows 1 and 2)."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from local_stack import Inbox, aws, signed_post, states_entered
+
+from conveyor.local.cloud import LocalCloud, publish_training_code
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
+CANARY = {
+    "CanaryTrafficPercent": "50",
+    "InferenceInstanceCount": "2",
+    "DeploymentWaitSeconds": "6",
+    "TerminationWaitSeconds": "2",
+}
+
+
+@pytest.fixture(scope="module")
+def cloud(tmp_path_factory):
+    local = LocalCloud(ROOT, workdir=tmp_path_factory.mktemp("cloud"), parameters=CANARY)
+    local.start()
+    yield local
+    local.stop()
+
+
+def dataset(n=400, seed=7) -> bytes:
+    rng = random.Random(seed)
+    lines = ["size,weight,label"]
+    for _ in range(n):
+        label = rng.choice("ab")
+        size = rng.gauss(1.0 if label == "a" else 2.0, 0.4)
+        lines.append(f"{size:.3f},{rng.random():.3f},{label}")
+    return ("\n".join(lines) + "\n").encode()
+
+
+INSTANCES = [{"size": 1.0, "weight": 0.5}, {"size": 2.1, "weight": 0.2}]
+
+
+def upload_and_wait(outputs: dict, name: str, body: bytes) -> dict:
+    """Upload a new version of datasets/<name>/data.csv and return its finished execution."""
+    s3, sfn = aws(outputs, "s3"), aws(outputs, "stepfunctions")
+    machine = outputs["StateMachineArn"]
+    before = {e["name"] for e in sfn.list_executions(stateMachineArn=machine)["executions"]}
+    s3.put_object(Bucket=outputs["RawBucketName"], Key=f"datasets/{name}/data.csv", Body=body)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        for execution in sfn.list_executions(stateMachineArn=machine)["executions"]:
+            fresh = execution["name"].startswith(f"{name}-") and execution["name"] not in before
+            if fresh and execution["status"] != "RUNNING":
+                return sfn.describe_execution(executionArn=execution["executionArn"])
+        time.sleep(1)
+    raise AssertionError(f"no execution for {name} finished")
+
+
+class Client(threading.Thread):
+    """An app that keeps calling the prediction API, recording what each request got."""
+
+    def __init__(self, outputs: dict, name: str) -> None:
+        super().__init__(daemon=True)
+        self.outputs, self.path = outputs, f"/models/{name}/predict"
+        self.answers: list[tuple[int, str]] = []  # (status, model_version or error text)
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            try:
+                response = signed_post(self.outputs, self.path, {"instances": INSTANCES})
+                body = response.json()
+                self.answers.append(
+                    (response.status_code, body.get("model_version") or json.dumps(body)[:200])
+                )
+            except Exception as exc:  # a dropped connection is a failed request too
+                self.answers.append((0, repr(exc)))
+            time.sleep(0.02)
+
+    def stop(self) -> list[tuple[int, str]]:
+        self.done.set()
+        self.join(timeout=70)
+        return self.answers
+
+
+def test_clients_see_no_failed_request_while_a_new_model_takes_over(cloud):
+    outputs = cloud.outputs
+    first = upload_and_wait(outputs, "steady", dataset())
+    assert json.loads(first["output"])["outcome"] == "deployed", first.get("cause")
+    old = json.loads(first["output"])["version"]
+
+    client = Client(outputs, "steady")
+    client.start()
+    time.sleep(1)
+    # The same data again trains the same (seeded) model: as good as the champion, so it deploys.
+    second = upload_and_wait(outputs, "steady", dataset())
+    time.sleep(1)
+    answers = client.stop()
+
+    summary = json.loads(second["output"])
+    assert summary["outcome"] == "deployed", second.get("cause")
+    new = summary["version"]
+    failed = [answer for answer in answers if answer[0] != 200]
+    assert failed == [], f"{len(failed)} of {len(answers)} requests failed during the update: {failed[:3]}"
+    versions = [version for _, version in answers]
+    assert versions[0] == old and versions[-1] == new
+    # The canary: for a while both models answered, interleaved, before the new one took everything.
+    first_new = versions.index(new)
+    assert old in versions[first_new:], "no canary phase: traffic moved in one step"
+    assert "UpdateEndpointCanary" in states_entered(aws(outputs, "stepfunctions"), second["executionArn"])
+
+    alarms = aws(outputs, "cloudwatch").describe_alarms(AlarmNamePrefix="conveyor-steady-")["MetricAlarms"]
+    assert sorted(a["MetricName"] for a in alarms) == ["Invocation5XXErrors", "ModelLatency"]
+    for alarm in alarms:
+        dimensions = {d["Name"]: d["Value"] for d in alarm["Dimensions"]}
+        assert dimensions == {"EndpointName": "conveyor-steady", "VariantName": new}
+        assert alarm["StateValue"] == "OK"
+
+
+BREAKAGES = {
+    # Loads and answers /ping, fails every prediction: only the canary's 5XX alarm can catch it.
+    "predictions": "def predict_fn(data, model):\n    raise RuntimeError('this model is broken')\n",
+    # Never becomes healthy: the new fleet does not start, so traffic never moves.
+    "loading": "def model_fn(model_dir):\n    raise RuntimeError('this model cannot load')\n",
+}
+
+
+@pytest.mark.parametrize("breakage", sorted(BREAKAGES))
+def test_a_broken_new_model_is_rolled_back_and_the_old_one_keeps_serving(cloud, tmp_path, breakage):
+    outputs = cloud.outputs
+    name = f"broken-{breakage}"
+    sagemaker, s3 = aws(outputs, "sagemaker"), aws(outputs, "s3")
+    first = upload_and_wait(outputs, name, dataset(seed=3))
+    assert json.loads(first["output"])["outcome"] == "deployed", first.get("cause")
+    old = json.loads(first["output"])["version"]
+    inbox = Inbox(outputs, f"{name}-notifications")
+
+    # The next model's code is broken (training itself is fine: it does not use the serving handlers).
+    shutil.copytree(ROOT / "training", tmp_path / "training", ignore=shutil.ignore_patterns("__pycache__"))
+    inference = tmp_path / "training" / "inference.py"
+    inference.write_text(inference.read_text() + "\n\n" + BREAKAGES[breakage])
+    publish_training_code(s3, outputs["ArtifactsBucketName"], tmp_path)
+    client = Client(outputs, name)
+    client.start()
+    try:
+        execution = upload_and_wait(outputs, name, dataset(seed=3))
+    finally:
+        publish_training_code(s3, outputs["ArtifactsBucketName"], ROOT)
+        answers = client.stop()
+
+    assert execution["status"] == "FAILED"
+    assert execution["error"] == "DeploymentRolledBack"
+    assert f"serves {name}-{old} instead of" in execution["cause"]
+    if breakage == "predictions":
+        assert "alarm conveyor-broken-predictions-5xx-errors went into ALARM" in execution["cause"]
+        alarm = aws(outputs, "cloudwatch").describe_alarms(AlarmNames=[f"conveyor-{name}-5xx-errors"])
+        assert alarm["MetricAlarms"][0]["StateValue"] == "ALARM"
+        assert any(status != 200 for status, _ in answers), "the canary took no traffic"
+    else:
+        assert "this model cannot load" in execution["cause"]
+        assert all(status == 200 for status, _ in answers), "a model that never started took traffic"
+    assert (
+        sagemaker.describe_endpoint(EndpointName=f"conveyor-{name}")["EndpointConfigName"] == f"{name}-{old}"
+    )
+    after = signed_post(outputs, f"/models/{name}/predict", {"instances": INSTANCES})
+    assert after.status_code == 200 and after.json()["model_version"] == old
+    assert answers[-1] == (200, old), "the old model did not take all traffic back"
+    notices = [m for m in inbox.messages() if m["outcome"] == "failed"]
+    assert notices and notices[0]["error"] == "DeploymentRolledBack"
