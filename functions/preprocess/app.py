@@ -27,6 +27,7 @@ from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 
 from common import aws
+from common.announce import announce
 from common.config import Settings
 from common.errors import DatasetRejected
 from common.events import ObjectRef, objects_in_message
@@ -254,18 +255,18 @@ def _quarantine(rejected: DatasetRejected, provenance: dict[str, Any], settings:
         Body=json.dumps(report, indent=2, default=str).encode(),
         ContentType="application/json",
     )
+    summary = {"outcome": "quarantined", **report, "report": f"s3://{bucket}/{key}"}
     if settings.notification_topic_arn:
         aws.client("sns").publish(
             TopicArn=settings.notification_topic_arn,
             Subject=f"conveyor: {slug} {version} quarantined"[:100],
-            Message=json.dumps(
-                {"outcome": "quarantined", **report, "report": f"s3://{bucket}/{key}"}, default=str
-            ),
+            Message=json.dumps(summary, default=str),
             MessageAttributes={
                 "outcome": {"DataType": "String", "StringValue": "quarantined"},
                 "dataset": {"DataType": "String", "StringValue": slug},
             },
         )
+    announce(summary)
     metrics.add_metric("QuarantinedFiles", MetricUnit.Count, 1)
     logger.warning("quarantined", extra={"reason": rejected.reason, "report": f"s3://{bucket}/{key}"})
     return {"status": "quarantined", "dataset": slug, "version": version, "reason": rejected.reason}

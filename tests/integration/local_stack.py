@@ -74,3 +74,24 @@ class Inbox:
         """The notifications received so far (waiting up to 5 s for the first)."""
         received = self._sqs.receive_message(QueueUrl=self.url, MaxNumberOfMessages=10, WaitTimeSeconds=5)
         return [json.loads(json.loads(m["Body"])["Message"]) for m in received.get("Messages", [])]
+
+
+class EventInbox:
+    """An SQS queue behind an EventBridge rule for conveyor's events about one dataset: hears them as a rule
+    target would."""
+
+    def __init__(self, outputs: dict, name: str, dataset: str) -> None:
+        self._sqs = aws(outputs, "sqs")
+        self.url = self._sqs.create_queue(QueueName=name)["QueueUrl"]
+        arn = self._sqs.get_queue_attributes(QueueUrl=self.url, AttributeNames=["QueueArn"])["Attributes"][
+            "QueueArn"
+        ]
+        events = aws(outputs, "events")
+        pattern = {"source": ["conveyor"], "detail": {"dataset": [dataset]}}
+        events.put_rule(Name=name, EventPattern=json.dumps(pattern))
+        events.put_targets(Rule=name, Targets=[{"Id": "inbox", "Arn": arn}])
+
+    def events(self) -> list[dict]:
+        """The events received so far (waiting up to 5 s for the first)."""
+        received = self._sqs.receive_message(QueueUrl=self.url, MaxNumberOfMessages=10, WaitTimeSeconds=5)
+        return [json.loads(m["Body"]) for m in received.get("Messages", [])]

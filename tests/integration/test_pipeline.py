@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from local_stack import aws, signed_post, states_entered, wait_for_execution
+from local_stack import EventInbox, aws, signed_post, states_entered, wait_for_execution
 from moto.sagemaker import models as sagemaker_models
 from moto.sagemaker.exceptions import SagemakerClientError
 
@@ -192,6 +192,7 @@ def test_a_replayed_event_starts_no_second_training(cloud):
 def test_an_unusable_file_is_quarantined_and_left_untouched(cloud):
     outputs = cloud.outputs
     s3, sfn = aws(outputs, "s3"), aws(outputs, "stepfunctions")
+    events = EventInbox(outputs, "one-class-events", "one-class")
     body = to_csv([{"x": i, "label": "same"} for i in range(100)])
     s3.put_object(Bucket=outputs["RawBucketName"], Key="datasets/one-class/data.csv", Body=body)
     deadline = time.monotonic() + 30
@@ -210,6 +211,10 @@ def test_an_unusable_file_is_quarantined_and_left_untouched(cloud):
     )
     executions = sfn.list_executions(stateMachineArn=outputs["StateMachineArn"])["executions"]
     assert not [e for e in executions if e["name"].startswith("one-class-")]
+    (event,) = events.events()
+    assert event["source"] == "conveyor" and event["detail-type"] == "Dataset Quarantined"
+    assert "single class" in event["detail"]["reason"]
+    assert event["detail"]["report"] == f"s3://{outputs['ProcessedBucketName']}/{key}"
 
 
 def test_the_cli_client_follows_an_upload(cloud, outputs_file, tmp_path):
@@ -344,6 +349,7 @@ def test_a_sagemaker_error_the_pipeline_cannot_get_past_fails_it_with_the_cause_
     s3, sfn, sagemaker = aws(outputs, "s3"), aws(outputs, "stepfunctions"), aws(outputs, "sagemaker")
     raw = outputs["RawBucketName"]
     s3.put_object(Bucket=raw, Key="datasets/throttled/conveyor.json", Body=b'{"target": "Kind"}')
+    events = EventInbox(outputs, "throttled-events", "throttled")
     s3.put_object(Bucket=raw, Key="datasets/throttled/data.csv", Body=to_csv(three_class_rows(seed=12)))
     execution = wait_for_execution(sfn, outputs["StateMachineArn"], "throttled-")
 
@@ -355,6 +361,9 @@ def test_a_sagemaker_error_the_pipeline_cannot_get_past_fails_it_with_the_cause_
     assert "NotifyFailed" in entered and "CreateEndpoint" not in entered and "UpdateEndpoint" not in entered
     endpoints = [e["EndpointName"] for e in sagemaker.list_endpoints()["Endpoints"]]
     assert "conveyor-throttled" not in endpoints
+    (event,) = events.events()
+    assert event["detail-type"] == "Pipeline Failed"
+    assert event["detail"]["error"] == "States.Runtime" and "ThrottlingException" in event["detail"]["cause"]
 
 
 def test_a_challenger_deploys_only_if_it_beats_the_champion(cloud):
@@ -363,6 +372,7 @@ def test_a_challenger_deploys_only_if_it_beats_the_champion(cloud):
     raw, key = outputs["RawBucketName"], "datasets/gated/data.csv"
     good = to_csv(three_class_rows(seed=21))
     s3.put_object(Bucket=raw, Key="datasets/gated/conveyor.json", Body=b'{"target": "Kind"}')
+    events = EventInbox(outputs, "gated-events", "gated")
 
     def run(body: bytes) -> dict:
         before = {
@@ -407,3 +417,13 @@ def test_a_challenger_deploys_only_if_it_beats_the_champion(cloud):
     assert "beats the champion" in summary["reason"]
     serving = sagemaker.describe_endpoint(EndpointName="conveyor-gated")["EndpointConfigName"]
     assert serving != champion_config and serving.endswith(summary["version"])
+
+    # Each outcome was also an EventBridge event, with the summary and a link to the execution.
+    heard = [event for _ in range(3) for event in events.events()]
+    assert [e["detail-type"] for e in heard] == ["Model Deployed", "Model Rejected", "Model Deployed"]
+    assert [e["detail"]["version"] for e in heard] == [
+        json.loads(run_["output"])["version"] for run_ in (first, worse, again)
+    ]
+    assert heard[2]["detail"]["execution"] == again["executionArn"]
+    assert again["executionArn"] in heard[2]["resources"]
+    assert "/states/home?region=us-east-1#/v2/executions/details/" in heard[2]["detail"]["console_url"]
