@@ -11,6 +11,7 @@ defaults, so the same file runs in the AWS PyTorch training image and on a lapto
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -508,10 +509,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         epochs_run=result.epochs_run,
         training_seconds=round(result.seconds, 3),
         hyperparameters=hyperparameters(args),
+        code_version=code_version(),
     )
     print(final_line(evaluation), flush=True)
     save(args, network, encoder, manifest, evaluation, result)
     return evaluation
+
+
+def code_version(directory: Path = HERE) -> str:
+    """What code trained this model: a digest of the source files that ran (and the git commit they were
+    published from, which `conveyor publish-code` writes to CODE_VERSION), for the Model Registry."""
+    digest = hashlib.sha256()
+    for path in sorted(directory.glob("*.py")) + sorted(directory.glob("requirements.txt")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    published = directory / "CODE_VERSION"
+    origin = published.read_text().strip()[:100] if published.exists() else "unpublished"
+    return f"sha256:{digest.hexdigest()[:16]} {origin}"
 
 
 def hyperparameters(args: argparse.Namespace) -> dict[str, Any]:

@@ -115,6 +115,8 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         "model_data_url": model_data_url,
         "evaluation_uri": f"s3://{artifacts}/{evaluation_key}",
         "endpoint_exists": _endpoint_exists(names["endpoint"]),
+        # For the Model Registry: which code trained it (training/train.py's code_version).
+        "code_version": str((evaluation.get("conveyor") or {}).get("code_version") or "unknown")[:256],
     }
     logger.info("evaluated", extra=result)
     return result

@@ -100,6 +100,11 @@ def test_upload_trains_registers_deploys_and_serves_over_https(cloud, outputs_fi
     ]
     assert len(packages) == 1 and packages[0]["ModelApprovalStatus"] == "Approved"
     package = sagemaker.describe_model_package(ModelPackageName=packages[0]["ModelPackageArn"])
+    # The registry says which data and which code made the model.
+    metadata = package["CustomerMetadataProperties"]
+    assert metadata["training_job"] == f"sea-creatures-{version}" and metadata["version"] == version
+    assert metadata["source_key"] == "datasets/Sea Creatures/catch 2026.csv"
+    assert metadata["code_version"].startswith("sha256:") and " git:" in metadata["code_version"]
     metrics_uri = package["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]
     bucket, key = metrics_uri[len("s3://") :].split("/", 1)
     evaluation = json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())

@@ -754,3 +754,28 @@ def test_a_vocabulary_too_big_for_memory_fails_naming_the_hyperparameter(monkeyp
     train.check_memory(encoder, splits, device, max_vocabulary=1000)
     with pytest.raises(ValueError, match="max_vocabulary=0"):
         train.parse_args(["--max_vocabulary", "0", *(f"--{c}=/d" for c in train.CHANNELS)])
+
+
+def test_the_code_version_names_the_code_that_ran(tmp_path, training_modules):
+    code_version = training_modules("train").code_version
+    for name in ("train.py", "inference.py"):
+        (tmp_path / name).write_text(f"# {name}\n")
+    unpublished = code_version(tmp_path)
+    assert unpublished.startswith("sha256:") and unpublished.endswith(" unpublished")
+    (tmp_path / "CODE_VERSION").write_text("git:0123456789ab\n")
+    published = code_version(tmp_path)
+    assert published == unpublished.replace("unpublished", "git:0123456789ab")
+    (tmp_path / "inference.py").write_text("# changed\n")
+    assert code_version(tmp_path).split()[0] != published.split()[0]
+
+
+def test_published_training_code_carries_the_commit_it_came_from():
+    import io
+    import tarfile
+
+    from conveyor.local.cloud import training_sourcedir
+
+    with tarfile.open(fileobj=io.BytesIO(training_sourcedir(ROOT))) as tar:
+        stamp = tar.extractfile("CODE_VERSION").read().decode().strip()
+        names = set(tar.getnames())
+    assert stamp.startswith("git:") and {"train.py", "inference.py"} <= names

@@ -14,9 +14,11 @@ import os
 import secrets
 import shutil
 import socket
+import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -426,7 +428,35 @@ def training_sourcedir(root: Path) -> bytes:
             if "__pycache__" in path.parts or path.suffix == ".pyc":
                 continue
             tar.add(path, arcname=str(path.relative_to(root / "training")), recursive=False)
+        # Which commit this code came from, for the Model Registry (train.py reports it with a digest).
+        stamp = f"{git_version(root / 'training')}\n".encode()
+        info = tarfile.TarInfo("CODE_VERSION")
+        info.size, info.mtime = len(stamp), int(time.time())
+        tar.addfile(info, io.BytesIO(stamp))
     return buffer.getvalue()
+
+
+def git_version(directory: Path) -> str:
+    """`git:<commit>` of the checkout `directory` is in (`+changes` if it differs from that commit), or
+    `git:none` outside a git checkout."""
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(directory), "rev-parse", "--short=12", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "-C", str(directory), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "git:none"
+    return f"git:{commit}{'+changes' if changes else ''}"
 
 
 def preprocessing_code_files(root: Path) -> dict[str, Path]:
