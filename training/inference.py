@@ -52,6 +52,7 @@ class LoadedModel:
     network: torch.nn.Module
     encoder: Encoder
     device: torch.device
+    version: str | None = None  # the data version it was trained on (model_config.json)
 
 
 # input_fn is given no model by the serving contract, yet checks rows against the model's columns: it uses
@@ -84,7 +85,7 @@ def model_fn(model_dir: str) -> LoadedModel:
     network = build_model(config["architecture"])
     network.load_state_dict(torch.load(directory / "model.pth", map_location=device, weights_only=True))
     network.to(device).eval()
-    _loaded = LoadedModel(network, Encoder.from_config(config), device)
+    _loaded = LoadedModel(network, Encoder.from_config(config), device, config.get("version"))
     return _loaded
 
 
@@ -172,7 +173,7 @@ def predict_fn(data: np.ndarray, model: LoadedModel) -> list[dict[str, Any]]:
 
 
 def output_fn(prediction: list[dict[str, Any]], accept: str = JSON_TYPE) -> str:
-    """Serialise predictions as ``{"predictions": [...]}``.
+    """Serialise predictions as ``{"predictions": [...], "model_version": "<data version>"}``.
 
     Parameters
     ----------
@@ -189,7 +190,11 @@ def output_fn(prediction: list[dict[str, Any]], accept: str = JSON_TYPE) -> str:
     accepted = [part.split(";")[0].strip().lower() for part in (accept or JSON_TYPE).split(",")]
     if not any(a in (JSON_TYPE, "*/*", "application/*", "") for a in accepted):
         raise InvalidInput(f"cannot answer in {accept!r}: ask for {JSON_TYPE}", 406, "Not Acceptable")
-    return json.dumps({"predictions": prediction})
+    answer: dict[str, Any] = {"predictions": prediction}
+    if _loaded is not None and _loaded.version:
+        # The endpoint's variant keeps one name across deployments: the model says which one answered.
+        answer["model_version"] = _loaded.version
+    return json.dumps(answer)
 
 
 def _request_encoder() -> Encoder:

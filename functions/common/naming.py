@@ -13,6 +13,10 @@ from datetime import UTC, datetime
 
 SLUG_MAX = 40
 # Where the training jobs' source directory (training/ as sourcedir.tar.gz) lives in ArtifactsBucket.
+# Every endpoint config of a dataset names its one variant the same: SageMaker's blue/green deployments
+# (deployment guardrails) need the new config's variant to be named as the old one's. Which model answered
+# is the model's own `model_version` (its data version) instead.
+VARIANT = "AllTraffic"
 TRAINING_CODE_KEY = "code/training/sourcedir.tar.gz"
 # Where SageMaker Processing jobs find the preprocessing code (functions/common and functions/preprocess,
 # one object per file, so a ProcessingInput copies the packages as a directory tree).
@@ -70,7 +74,7 @@ class ResourceNames:
             endpoint_config=per_version,
             endpoint=per_dataset,
             model_package_group=per_dataset,
-            variant=version,
+            variant=VARIANT,
         )
 
     def as_dict(self) -> dict[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from typing import Any
 
 from aws_lambda_powertools import Logger, Tracer
@@ -90,12 +91,16 @@ def _describe(endpoint: str, name: str) -> dict[str, Any]:
         raise
 
 
+_DATA_VERSION = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}$")
+
+
 def _model_summary(name: str, description: dict[str, Any]) -> dict[str, Any]:
-    variants = description.get("ProductionVariants") or []
+    # Endpoint configs are named <dataset>-<data version>; the one in service says which model serves.
+    found = _DATA_VERSION.search(description.get("EndpointConfigName") or "")
     return {
         "name": name,
         "status": description["EndpointStatus"],
-        "model_version": variants[0]["VariantName"] if variants else None,
+        "model_version": found.group(0) if found else None,
     }
 
 
@@ -114,8 +119,10 @@ def predict(name: str) -> Response:
         )
     except ClientError as error:
         raise _invoke_error(error, endpoint, name) from None
-    predictions = json.loads(answer["Body"].read())["predictions"]
-    return _json(200, {"predictions": predictions, "model_version": answer.get("InvokedProductionVariant")})
+    body = json.loads(answer["Body"].read())
+    # The model names its own version (the variant keeps one name across blue/green deployments).
+    version = body.get("model_version") or answer.get("InvokedProductionVariant")
+    return _json(200, {"predictions": body["predictions"], "model_version": version})
 
 
 def _invoke_error(error: ClientError, endpoint: str, name: str) -> ApiError:

@@ -119,7 +119,7 @@ def test_clients_see_no_failed_request_while_a_new_model_takes_over(cloud):
     assert sorted(a["MetricName"] for a in alarms) == ["Invocation5XXErrors", "ModelLatency"]
     for alarm in alarms:
         dimensions = {d["Name"]: d["Value"] for d in alarm["Dimensions"]}
-        assert dimensions == {"EndpointName": "conveyor-steady", "VariantName": new}
+        assert dimensions == {"EndpointName": "conveyor-steady", "VariantName": "AllTraffic"}
         assert alarm["StateValue"] == "OK"
 
 

@@ -69,8 +69,9 @@ def test_predict_forwards_instances_and_names_the_serving_version(runtime):
     runtime["sagemaker-runtime"].add_response(
         "invoke_endpoint",
         {
-            "Body": body_of({"predictions": [{"value": 3.5}]}),
-            "InvokedProductionVariant": "20261122T175500Z-1a2b3c",
+            # The model names its version; the variant is AllTraffic in every endpoint config.
+            "Body": body_of({"predictions": [{"value": 3.5}], "model_version": "20261122T175500Z-1a2b3c"}),
+            "InvokedProductionVariant": "AllTraffic",
             "ContentType": "application/json",
         },
         {

@@ -404,7 +404,7 @@ class Alarm:
 
     def explain(self, server: Server) -> str:
         return (
-            f"alarm {self.name} went into ALARM: {self.metric} of {server.variant} was "
+            f"alarm {self.name} went into ALARM: {self.metric} of {server.endpoint_config} was "
             f"{self.value(server):g}, threshold {self.threshold:g}"
         )
 
