@@ -227,6 +227,9 @@ def test_moto_still_has_the_hooks_local_mode_patches():
     from moto.sagemakerruntime.responses import SageMakerRuntimeResponse
 
     assert hasattr(LambdaFunction, "_invoke_lambda")
+    from moto.stepfunctions.parser.backend.execution import BaseExecutionWorkerCommunication
+
+    assert hasattr(BaseExecutionWorkerCommunication, "terminated")
     for name in (
         "create_training_job",
         "describe_training_job",

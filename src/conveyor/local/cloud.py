@@ -28,6 +28,7 @@ import requests
 from botocore.config import Config
 from moto.server import ThreadedMotoServer
 
+from conveyor.local.events import RULE_EVENT_TYPES, EventBridgeBus
 from conveyor.local.hosting import HostingAdapter, free_port
 from conveyor.local.lambdas import FunctionSpec, LambdaRuntime, SqsEventSource
 from conveyor.local.processing import ProcessingAdapter
@@ -124,6 +125,7 @@ class LocalCloud:
         self._server: ThreadedMotoServer | None = None
         self._saved_env: dict[str, str | None] = {}
         self.runtime: LambdaRuntime | None = None
+        self.events: EventBridgeBus | None = None
         self.training = TrainingAdapter(self.client_factory("s3"), self.workdir)
         self.processing = ProcessingAdapter(self.client_factory("s3"), self.workdir)
         self.hosting = HostingAdapter(self.client_factory("s3"), self.workdir)
@@ -162,6 +164,8 @@ class LocalCloud:
         function_clients.reset_clients()
         self.runtime = LambdaRuntime(self._lambda_environment, self.stack.region, self.stack.account_id)
         self.runtime.install()
+        self.events = EventBridgeBus(self.runtime, self.stack.region, self.stack.account_id)
+        self.events.install()
         self.training.install()
         self.processing.install()
         self.hosting.install()
@@ -182,6 +186,8 @@ class LocalCloud:
         for poller in self._pollers:
             poller.stop()
         self._pollers.clear()
+        if self.events is not None:
+            self.events.drain()
         if self.gateway is not None:
             self.gateway.stop()
             self.gateway = None
@@ -195,7 +201,7 @@ class LocalCloud:
                 requests.post(f"{self.endpoint_url}/moto-api/reset", timeout=10)
             self._server.stop()
             self._server = None
-        for adapter in (self.hosting, self.processing, self.training, self.runtime):
+        for adapter in (self.hosting, self.processing, self.training, self.events, self.runtime):
             if adapter is not None:
                 adapter.uninstall()
         for key, value in self._saved_env.items():
@@ -322,6 +328,7 @@ class LocalCloud:
                     NotificationConfiguration={"QueueConfigurations": configurations},
                 )
         self._start_event_sources(sqs)
+        self._add_event_rules()
         self.publish_training_code()
         self.publish_preprocessing_code()
 
@@ -347,6 +354,19 @@ class LocalCloud:
                 )
                 poller.start()
                 self._pollers.append(poller)
+
+    def _add_event_rules(self) -> None:
+        """The EventBridge rules the template's functions declare, on the local default bus."""
+        assert self.events is not None
+        for function in self.stack.of_type("AWS::Serverless::Function"):
+            for event_name, event in function.properties.get("Events", {}).items():
+                if event["Type"] not in RULE_EVENT_TYPES:
+                    continue
+                self.events.add_rule(
+                    f"{function.logical_id}{event_name}",
+                    self.stack.resolve(event["Properties"]["Pattern"]),
+                    function.attributes["Ref"],
+                )
 
     def publish_training_code(self) -> str:
         """Upload training/ as the `sagemaker_submit_directory` tarball the pipeline's jobs run."""
