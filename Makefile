@@ -7,6 +7,14 @@ STAMP  := $(VENV)/.installed
 SAM_VENV  := .tools/sam
 SAM_STAMP := $(SAM_VENV)/.installed
 SAM_CLI   := aws-sam-cli==1.170.0
+# The linters of the transformed template, each in its own virtualenv for the same reason (checkov pins
+# old dependencies); checkov runs offline (--skip-download).
+CFNLINT_VENV  := .tools/cfnlint
+CFNLINT_STAMP := $(CFNLINT_VENV)/.installed
+CFN_LINT      := cfn-lint==1.58.0
+CHECKOV_VENV  := .tools/checkov
+CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
+CHECKOV       := checkov==3.3.30
 
 .PHONY: demo test test-unit test-fuzz lint lint-infra install clean bench-preprocess
 
@@ -32,14 +40,29 @@ $(SAM_STAMP):
 	$(SAM_VENV)/bin/pip install --quiet "$(SAM_CLI)"
 	@touch $(SAM_STAMP)
 
+$(CFNLINT_STAMP):
+	@test -x $(CFNLINT_VENV)/bin/python || $(PYTHON) -m venv $(CFNLINT_VENV)
+	$(CFNLINT_VENV)/bin/pip install --quiet "$(CFN_LINT)"
+	@touch $(CFNLINT_STAMP)
+
+$(CHECKOV_STAMP):
+	@test -x $(CHECKOV_VENV)/bin/python || $(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install --quiet "$(CHECKOV)"
+	@touch $(CHECKOV_STAMP)
+
 # Python 3.12 (the functions' runtime) for sam build: the newest 3.12 pyenv has, else the one on PATH.
 # (pyenv's shim for python3.12 is on PATH but fails unless 3.12 is the active version: look past it.)
 PY312_BIN := $(shell dirname "$$(ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1 | grep . || command -v python3.12)")
 
-# The template passes SAM's validator with its cfn-lint rules, and the built Lambda packages carry no
-# torch or sagemaker (offline, no Docker).
-lint-infra: $(SAM_STAMP)
+# The template passes SAM's validator with its cfn-lint rules; the CloudFormation SAM makes of it passes
+# cfn-lint and checkov (suppressions: docs/security.md); the built Lambda packages carry no torch or
+# sagemaker. All offline, no Docker, no AWS credentials.
+lint-infra: $(SAM_STAMP) $(CFNLINT_STAMP) $(CHECKOV_STAMP)
 	SAM_CLI_TELEMETRY=0 $(SAM_VENV)/bin/sam validate --lint --template template.yaml
+	$(SAM_VENV)/bin/python scripts/transform_template.py template.yaml --output .aws-sam/transformed.json
+	$(CFNLINT_VENV)/bin/python scripts/lint_transformed.py .aws-sam/transformed.json
+	$(CHECKOV_VENV)/bin/checkov --skip-download --quiet --compact --framework cloudformation \
+		--file template.yaml --file .aws-sam/transformed.json
 	@test -x "$(PY312_BIN)/python3.12" || { echo "sam build needs python3.12 (the functions' runtime) on PATH" >&2; exit 1; }
 	PATH="$(PY312_BIN):$$PATH" SAM_CLI_TELEMETRY=0 $(SAM_VENV)/bin/sam build --template template.yaml --build-dir .aws-sam/build
 	$(PYTHON) scripts/check_lambda_packages.py .aws-sam/build
@@ -52,8 +75,8 @@ test-fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest tests/unit/test_preprocess_fuzz.py -p no:cacheprovider
 
 lint: $(STAMP)
-	$(BIN)/ruff check src functions training tests benchmarks
-	$(BIN)/ruff format --check src functions training tests benchmarks
+	$(BIN)/ruff check src functions training tests benchmarks scripts
+	$(BIN)/ruff format --check src functions training tests benchmarks scripts
 
 # Issue 4's figures: conveyor vs pandas vs a raw read, 100MB and 1GB inputs (about 15 minutes).
 # Results: benchmarks/results/preprocess.{json,md}. Pass options with BENCH_ARGS="--quick" or "--repeats 1".

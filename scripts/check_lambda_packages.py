@@ -20,7 +20,9 @@ def main(build_dir: str) -> int:
         names = {p.name.split("-")[0].lower() for p in package.iterdir()}
         bad = sorted(n for n in names if n in FORBIDDEN)
         size = sum(f.stat().st_size for f in package.rglob("*") if f.is_file())
-        print(f"{package.name}: {size / 2**20:.1f} MiB unzipped{'; FORBIDDEN: ' + ', '.join(bad) if bad else ''}")
+        print(
+            f"{package.name}: {size / 2**20:.1f} MiB unzipped{'; FORBIDDEN: ' + ', '.join(bad) if bad else ''}"
+        )
         failed |= bool(bad) or size > LIMIT_BYTES
     return 1 if failed else 0
 
