@@ -50,9 +50,9 @@ def _ensure_model_package_group(name: str, dataset: str) -> None:
     logger.info("created model package group", extra={"group": name})
 
 
-def _champion(group: str, metric: str) -> dict[str, Any] | None:
+def _champion(group: str, metric: str, exclude: str | None = None) -> dict[str, Any] | None:
     """The dataset's champion: its latest Approved model package, with its value of `metric` (None when
-    the group has no approved package yet, or the champion's evaluation lacks that metric)."""
+    the group has no approved package yet, or the champion's evaluation lacks that metric); never `exclude`."""
     sagemaker = aws.client("sagemaker")
     packages = sagemaker.list_model_packages(
         ModelPackageGroupName=group,
@@ -61,6 +61,9 @@ def _champion(group: str, metric: str) -> dict[str, Any] | None:
         SortOrder="Descending",
         MaxResults=10,
     )["ModelPackageSummaryList"]
+    if not packages:
+        return None
+    packages = [p for p in packages if p["ModelPackageArn"] != exclude]
     if not packages:
         return None
     latest = max(packages, key=lambda p: p["CreationTime"])  # not every emulator honours SortBy
@@ -102,7 +105,9 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     )
     _ensure_model_package_group(names["model_package_group"], event["dataset"])
     metric = event["gate"].get("metric") or (evaluation.get("conveyor") or {}).get("metric")
-    champion = _champion(names["model_package_group"], metric) if metric else None
+    # A package a person approved is not its own champion: compare it with the one before it.
+    approved = (event.get("approved") or {}).get("package")
+    champion = _champion(names["model_package_group"], metric, exclude=approved) if metric else None
     decision = gate(
         evaluation,
         event["gate"].get("metric"),
@@ -110,6 +115,12 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         champion=champion,
         margin=float(event["gate"].get("margin") or 0.0),
     )
+    if approved:
+        decision = {
+            **decision,
+            "deploy": True,
+            "reason": f"approved in the Model Registry ({approved}); the gate said: {decision['reason']}",
+        }
     result = {
         **decision,
         "model_data_url": model_data_url,

@@ -297,7 +297,12 @@ def _execution_input(manifest: dict[str, Any], spec: DatasetSpec, settings: Sett
         },
         "names": names.as_dict(),
         "training": {"hyperparameters": hyperparameters, "output_path": f"s3://{artifacts}/training/{slug}/"},
-        "gate": {"metric": spec.metric or default_metric, "threshold": spec.threshold, "margin": spec.margin},
+        "gate": {
+            "metric": spec.metric or default_metric,
+            "threshold": spec.threshold,
+            "margin": spec.margin,
+            "approval": spec.approval,
+        },
     }
 
 

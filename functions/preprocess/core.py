@@ -108,9 +108,12 @@ class DatasetSpec:
     drop_duplicates: bool = True
     margin: float = 0.0
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    # "auto": a model that passes the gate deploys; "manual": it waits in PendingManualApproval until a
+    # person approves its model package (which deploys it).
+    approval: str = "auto"
 
     KEYS = frozenset(
-        {"target", "task", "metric", "threshold", "drop_duplicates", "margin", "hyperparameters"}
+        {"target", "task", "metric", "threshold", "drop_duplicates", "margin", "hyperparameters", "approval"}
     )
 
     @classmethod
@@ -143,6 +146,9 @@ class DatasetSpec:
         hps = document.get("hyperparameters") or {}
         if not isinstance(hps, dict):
             raise DatasetRejected("conveyor.json: hyperparameters must be an object")
+        approval = document.get("approval", "auto")
+        if approval not in ("auto", "manual"):
+            raise DatasetRejected(f"conveyor.json: approval must be 'auto' or 'manual', not {approval!r}")
         return cls(
             target=target,
             task=task,
@@ -151,6 +157,7 @@ class DatasetSpec:
             drop_duplicates=drop_duplicates,
             margin=float(margin),
             hyperparameters=hps,
+            approval=approval,
         )
 
 

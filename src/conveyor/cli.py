@@ -169,6 +169,18 @@ def cmd_upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_approve(args: argparse.Namespace) -> int:
+    target = _target(args)
+    approval = client.approve(target, args.dataset, args.version, args.note or "")
+    print(f"approved {approval.dataset} version {approval.version}: {approval.package_arn}")
+    print(f"deployment: {approval.execution_arn}")
+    if args.wait:
+        result = client.follow_execution(target, approval.execution_arn)
+        print(json.dumps(result, indent=2))
+        return 0 if result.get("outcome") == "deployed" else 1
+    return 0
+
+
 def cmd_publish_code(args: argparse.Namespace) -> int:
     from conveyor.local.cloud import project_root, publish_preprocessing_code, publish_training_code
 
@@ -267,6 +279,17 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("--dataset", required=True, help="the dataset name (datasets/<name>/ in RawBucket)")
     upload.add_argument("--wait", action="store_true", help="follow the pipeline until it ends")
     upload.set_defaults(func=cmd_upload)
+
+    approve = commands.add_parser(
+        "approve",
+        parents=[common],
+        help="approve a model that waits for approval (conveyor.json approval: manual), which deploys it",
+    )
+    approve.add_argument("dataset")
+    approve.add_argument("--version", help="the data version to approve (default: the newest waiting)")
+    approve.add_argument("--note", help="why (kept as the package's ApprovalDescription)")
+    approve.add_argument("--wait", action="store_true", help="follow the deployment until it ends")
+    approve.set_defaults(func=cmd_approve)
 
     publish = commands.add_parser(
         "publish-code",

@@ -166,6 +166,70 @@ def _quarantine_report(target: Target, dataset: str) -> dict[str, Any] | None:
     return report
 
 
+@dataclass
+class Approval:
+    dataset: str
+    version: str
+    package_arn: str
+    execution_arn: str  # the execution ApprovalFunction starts to deploy it
+
+
+def approve(target: Target, dataset: str, version: str | None = None, note: str = "") -> Approval:
+    """Approve the model package of `dataset` (its `version`, else the newest) that waits in
+    PendingManualApproval; SageMaker's state change event makes ApprovalFunction deploy it."""
+    make_functions_importable()
+    from approval.core import deployment_name
+    from common.naming import ResourceNames, slugify
+
+    slug = slugify(dataset)
+    group = ResourceNames.for_version(
+        target.outputs.get("StackName", "conveyor"), slug, ""
+    ).model_package_group
+    sagemaker = target.client("sagemaker")
+    try:
+        waiting = sagemaker.list_model_packages(
+            ModelPackageGroupName=group, ModelApprovalStatus="PendingManualApproval", MaxResults=100
+        )["ModelPackageSummaryList"]
+    except ClientError as error:
+        raise ConveyorError(f"cannot list the model packages of {dataset!r} ({group}): {error}") from None
+    described = [sagemaker.describe_model_package(ModelPackageName=p["ModelPackageArn"]) for p in waiting]
+    if version:
+        described = [
+            p for p in described if (p.get("CustomerMetadataProperties") or {}).get("version") == version
+        ]
+    if not described:
+        which = f"version {version} of {dataset!r}" if version else f"{dataset!r}"
+        raise ConveyorError(f"no model of {which} waits for approval (group {group})")
+    package = max(described, key=lambda p: p["CreationTime"])
+    metadata = package.get("CustomerMetadataProperties") or {}
+    sagemaker.update_model_package(
+        ModelPackageArn=package["ModelPackageArn"],
+        ModelApprovalStatus="Approved",
+        ApprovalDescription=(note or "approved with conveyor approve")[:1024],
+    )
+    trained = metadata.get("execution", "")
+    deploying = f"{trained.rsplit(':', 1)[0]}:{deployment_name(trained)}"
+    return Approval(slug, metadata.get("version", ""), package["ModelPackageArn"], deploying)
+
+
+def follow_execution(target: Target, execution_arn: str, timeout: float = 1800) -> dict[str, Any]:
+    """Wait for an execution to exist and finish; its status and output."""
+    sfn = target.client("stepfunctions")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            description = sfn.describe_execution(executionArn=execution_arn)
+        except ClientError as error:
+            if error.response["Error"]["Code"] != "ExecutionDoesNotExist":
+                raise
+            description = None
+        if description is not None and description["status"] != "RUNNING":
+            return {"status": description["status"], **json.loads(description.get("output") or "{}")}
+        if time.monotonic() > deadline:
+            raise ConveyorError(f"{execution_arn} has not finished after {timeout:.0f} s")
+        time.sleep(1)
+
+
 def api_request(target: Target, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     """A SigV4-signed request to the stack's HTTP API (IAM authorization); returns (status, JSON)."""
     url = target.outputs["ApiUrl"].rstrip("/") + path

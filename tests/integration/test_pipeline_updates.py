@@ -11,8 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from local_stack import Inbox, aws, signed_post, states_entered
+from local_stack import EventInbox, Inbox, aws, signed_post, states_entered
 
+from conveyor import client
 from conveyor.local.cloud import LocalCloud, publish_training_code
 
 pytestmark = pytest.mark.integration
@@ -173,3 +174,49 @@ def test_a_broken_new_model_is_rolled_back_and_the_old_one_keeps_serving(cloud, 
     assert answers[-1] == (200, old), "the old model did not take all traffic back"
     notices = [m for m in inbox.messages() if m["outcome"] == "failed"]
     assert notices and notices[0]["error"] == "DeploymentRolledBack"
+
+
+def test_a_model_that_waits_for_approval_deploys_when_a_person_approves_it(cloud, tmp_path):
+    outputs = cloud.outputs
+    s3, sfn, sagemaker = (aws(outputs, s) for s in ("s3", "stepfunctions", "sagemaker"))
+    s3.put_object(
+        Bucket=outputs["RawBucketName"], Key="datasets/careful/conveyor.json", Body=b'{"approval": "manual"}'
+    )
+    inbox, events = Inbox(outputs, "careful-notifications"), EventInbox(outputs, "careful-events", "careful")
+
+    trained = upload_and_wait(outputs, "careful", dataset(seed=5))
+    summary = json.loads(trained["output"])
+    assert summary["outcome"] == "pending_approval", trained.get("cause")
+    version = summary["version"]
+    assert summary["approve_with"] == f"conveyor approve careful --version {version}"
+    assert "conveyor-careful" not in [e["EndpointName"] for e in sagemaker.list_endpoints()["Endpoints"]]
+    (package,) = sagemaker.list_model_packages(ModelPackageGroupName="conveyor-careful")[
+        "ModelPackageSummaryList"
+    ]
+    assert package["ModelApprovalStatus"] == "PendingManualApproval"
+    assert [m["outcome"] for m in inbox.messages()] == ["pending_approval"]
+    assert [e["detail-type"] for e in events.events()] == ["Model Awaiting Approval"]
+
+    # A person approves it, as `conveyor approve careful` does: SageMaker's state change event deploys it.
+    outputs_file = tmp_path / "outputs.json"
+    outputs_file.write_text(json.dumps(outputs))
+    target = client.load_target(outputs_file)
+    approval = client.approve(target, "careful", version, note="looks right to me")
+    assert approval.package_arn == package["ModelPackageArn"]
+    deployed = client.follow_execution(target, approval.execution_arn, timeout=300)
+    assert deployed["status"] == "SUCCEEDED" and deployed["outcome"] == "deployed", deployed
+    assert deployed["version"] == version and deployed["model_package"] == package["ModelPackageArn"]
+    assert deployed["reason"].startswith("approved in the Model Registry")
+    entered = states_entered(sfn, approval.execution_arn)
+    assert "UseApprovedPackage" in entered and "StartTrainingJob" not in entered
+    assert not [s for s in entered if s.startswith("Register")], (
+        "the approved package is not registered again"
+    )
+    answer = signed_post(outputs, "/models/careful/predict", {"instances": INSTANCES})
+    assert answer.status_code == 200 and answer.json()["model_version"] == version
+    (package,) = sagemaker.list_model_packages(ModelPackageGroupName="conveyor-careful")[
+        "ModelPackageSummaryList"
+    ]
+    assert package["ModelApprovalStatus"] == "Approved"
+    with pytest.raises(client.ConveyorError, match="no model of 'careful' waits for approval"):
+        client.approve(target, "careful")

@@ -247,3 +247,22 @@ def test_the_template_rule_matches_aborted_and_timed_out_executions_of_the_pipel
     assert not matcher.matches_event(
         event(stateMachineArn="arn:aws:states:us-east-1:123456789012:stateMachine:someone-else")
     )
+
+
+def test_an_event_the_function_keeps_failing_lands_in_its_dead_letter_queue(monkeypatch):
+    from conveyor.local import events as local_events
+
+    class FailingRuntime:
+        calls = 0
+
+        def invoke(self, function, event):
+            FailingRuntime.calls += 1
+            return {"errorMessage": "boom"}, True
+
+    monkeypatch.setattr(local_events, "ASYNC_RETRY_DELAYS", (0.01, 0.01))
+    bus = local_events.EventBridgeBus(FailingRuntime(), "us-east-1", "123456789012")
+    dead: list[dict] = []
+    bus.add_rule("rule", {"source": ["aws.states"]}, "conveyor-CleanupFunction", dead.append)
+    assert bus.put(EVENT) == ["conveyor-CleanupFunction"]
+    bus.drain()
+    assert FailingRuntime.calls == 3 and dead == [EVENT]

@@ -230,6 +230,8 @@ def test_moto_still_has_the_hooks_local_mode_patches():
     from moto.stepfunctions.parser.backend.execution import BaseExecutionWorkerCommunication
 
     assert hasattr(BaseExecutionWorkerCommunication, "terminated")
+    for name in ("create_model_package", "update_model_package"):
+        assert hasattr(SageMakerModelBackend, name), name
     for name in (
         "create_training_job",
         "describe_training_job",

@@ -162,3 +162,7 @@ def test_spec_validation():
         DatasetSpec.from_json({"tagret": "y"})
     with pytest.raises(DatasetRejected, match="task"):
         DatasetSpec.from_json({"task": "clustering"})
+    assert DatasetSpec.from_json({}).approval == "auto"
+    assert DatasetSpec.from_json({"approval": "manual"}).approval == "manual"
+    with pytest.raises(DatasetRejected, match="approval must be 'auto' or 'manual'"):
+        DatasetSpec.from_json({"approval": "yes please"})

@@ -201,7 +201,7 @@ def test_the_processing_execution_input_trains_like_the_lambdas_and_leaves_infer
         assert given[key] == usual[key], key
     assert given["task"] is None and given["target"] is None
     # Evaluate takes the metric from evaluation.json when the spec names none (evaluate/core.py gate()).
-    assert given["gate"] == {"metric": None, "threshold": 0.7, "margin": 0.0}
+    assert given["gate"] == {"metric": None, "threshold": 0.7, "margin": 0.0, "approval": "auto"}
     job = given["preprocessing"]
     assert job["mode"] == "processing"
     assert job["job_name"] == "conveyor-churn-20261122T175500Z-1a2b3c"
@@ -243,7 +243,10 @@ def states():
 
 
 def test_the_pipeline_runs_the_processing_job_only_when_the_input_asks_for_it():
-    choice = states()[states()["Configure"]["Next"]]
+    approved = states()[states()["Configure"]["Next"]]
+    # An execution that deploys an approved package has trained already; every other one goes on.
+    assert approved["Choices"][0]["Variable"] == "$.approved" and approved["Default"] == "PreprocessingJob?"
+    choice = states()["PreprocessingJob?"]
     assert choice["Type"] == "Choice"
     absent, processing = choice["Choices"]
     # A Lambda-preprocessed input has no preprocessing block: checked first, so no path is missing.
@@ -292,7 +295,8 @@ def test_processing_polls_like_training_and_every_outcome_has_a_way_out():
 
 
 def test_no_state_reads_the_task_or_target_that_only_preprocessing_knows():
-    text = json.dumps(ASL)
+    # gate.approval comes from conveyor.json, which the Lambda reads before any Processing job.
+    text = json.dumps(ASL).replace('"$.gate.approval"', "")
     assert '"$.task' not in text and '"$.target' not in text and "$.gate" not in text
 
 

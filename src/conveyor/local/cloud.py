@@ -20,6 +20,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -366,7 +367,23 @@ class LocalCloud:
                     f"{function.logical_id}{event_name}",
                     self.stack.resolve(event["Properties"]["Pattern"]),
                     function.attributes["Ref"],
+                    self._dead_letter(function.properties.get("DeadLetterQueue")),
                 )
+
+    def _dead_letter(self, config: dict[str, Any] | None) -> Callable[[dict[str, Any]], None] | None:
+        """What Lambda does with an asynchronous event the function failed: its DeadLetterQueue (SQS)."""
+        if not config or config.get("Type") != "SQS":
+            return None
+        name = str(self.stack.resolve(config["TargetArn"])).rsplit(":", 1)[-1]
+        sqs = self.client_factory("sqs")
+
+        def send(event: dict[str, Any]) -> None:
+            client = sqs()
+            client.send_message(
+                QueueUrl=client.get_queue_url(QueueName=name)["QueueUrl"], MessageBody=json.dumps(event)
+            )
+
+        return send
 
     def publish_training_code(self) -> str:
         """Upload training/ as the `sagemaker_submit_directory` tarball the pipeline's jobs run."""
@@ -424,6 +441,7 @@ class LocalCloud:
         outputs.update(
             EndpointUrl=self.endpoint_url,
             Region=self.stack.region,
+            StackName=self.stack.stack_name,
             AccessKeyId=self.credentials[0],
             SecretAccessKey=self.credentials[1],
             CaBundle=str(self.ca_bundle),
