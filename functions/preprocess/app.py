@@ -303,6 +303,7 @@ def _execution_input(manifest: dict[str, Any], spec: DatasetSpec, settings: Sett
             "margin": spec.margin,
             "approval": spec.approval,
         },
+        "serving": {"mode": spec.serving},
     }
 
 

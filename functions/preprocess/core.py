@@ -111,9 +111,21 @@ class DatasetSpec:
     # "auto": a model that passes the gate deploys; "manual": it waits in PendingManualApproval until a
     # person approves its model package (which deploys it).
     approval: str = "auto"
+    # "instances": a real-time endpoint on InferenceInstanceType; "serverless": a serverless endpoint.
+    serving: str = "instances"
 
     KEYS = frozenset(
-        {"target", "task", "metric", "threshold", "drop_duplicates", "margin", "hyperparameters", "approval"}
+        {
+            "target",
+            "task",
+            "metric",
+            "threshold",
+            "drop_duplicates",
+            "margin",
+            "hyperparameters",
+            "approval",
+            "serving",
+        }
     )
 
     @classmethod
@@ -149,6 +161,11 @@ class DatasetSpec:
         approval = document.get("approval", "auto")
         if approval not in ("auto", "manual"):
             raise DatasetRejected(f"conveyor.json: approval must be 'auto' or 'manual', not {approval!r}")
+        serving = document.get("serving", "instances")
+        if serving not in ("instances", "serverless"):
+            raise DatasetRejected(
+                f"conveyor.json: serving must be 'instances' or 'serverless', not {serving!r}"
+            )
         return cls(
             target=target,
             task=task,
@@ -158,6 +175,7 @@ class DatasetSpec:
             margin=float(margin),
             hyperparameters=hps,
             approval=approval,
+            serving=serving,
         )
 
 

@@ -23,6 +23,7 @@ CANARY = {
     "InferenceInstanceCount": "2",
     "DeploymentWaitSeconds": "6",
     "TerminationWaitSeconds": "2",
+    "AutoScalingMaxInstances": "4",
 }
 
 
@@ -123,6 +124,22 @@ def test_clients_see_no_failed_request_while_a_new_model_takes_over(cloud):
         assert dimensions == {"EndpointName": "conveyor-steady", "VariantName": "AllTraffic"}
         assert alarm["StateValue"] == "OK"
 
+    # The endpoint scales between InferenceInstanceCount and AutoScalingMaxInstances on invocations.
+    scaling = aws(outputs, "application-autoscaling")
+    (target,) = scaling.describe_scalable_targets(
+        ServiceNamespace="sagemaker", ResourceIds=["endpoint/conveyor-steady/variant/AllTraffic"]
+    )["ScalableTargets"]
+    assert (target["MinCapacity"], target["MaxCapacity"]) == (2, 4)
+    (policy,) = scaling.describe_scaling_policies(
+        ServiceNamespace="sagemaker", ResourceId="endpoint/conveyor-steady/variant/AllTraffic"
+    )["ScalingPolicies"]
+    tracking = policy["TargetTrackingScalingPolicyConfiguration"]
+    assert (
+        tracking["PredefinedMetricSpecification"]["PredefinedMetricType"]
+        == "SageMakerVariantInvocationsPerInstance"
+    )
+    assert tracking["TargetValue"] == 100
+
 
 BREAKAGES = {
     # Loads and answers /ping, fails every prediction: only the canary's 5XX alarm can catch it.
@@ -220,3 +237,27 @@ def test_a_model_that_waits_for_approval_deploys_when_a_person_approves_it(cloud
     assert package["ModelApprovalStatus"] == "Approved"
     with pytest.raises(client.ConveyorError, match="no model of 'careful' waits for approval"):
         client.approve(target, "careful")
+
+
+def test_a_small_model_can_be_served_serverless(cloud):
+    outputs = cloud.outputs
+    s3, sfn, sagemaker = (aws(outputs, s) for s in ("s3", "stepfunctions", "sagemaker"))
+    s3.put_object(
+        Bucket=outputs["RawBucketName"], Key="datasets/tiny/conveyor.json", Body=b'{"serving": "serverless"}'
+    )
+    first = upload_and_wait(outputs, "tiny", dataset(seed=9))
+    assert json.loads(first["output"])["outcome"] == "deployed", first.get("cause")
+    second = upload_and_wait(outputs, "tiny", dataset(seed=9))
+    summary = json.loads(second["output"])
+    assert summary["outcome"] == "deployed", second.get("cause")
+
+    config = sagemaker.describe_endpoint_config(EndpointConfigName=f"tiny-{summary['version']}")
+    (variant,) = config["ProductionVariants"]
+    assert variant["ServerlessConfig"] == {"MemorySizeInMB": 2048, "MaxConcurrency": 5}
+    assert "InstanceType" not in variant
+    entered = states_entered(sfn, second["executionArn"])
+    # Serverless updates shift all at once, and serverless endpoints have no instances to scale.
+    assert "UpdateEndpoint" in entered and "UpdateEndpointCanary" not in entered
+    assert "RegisterScalableTarget" not in entered
+    answer = signed_post(outputs, "/models/tiny/predict", {"instances": INSTANCES})
+    assert answer.status_code == 200 and answer.json()["model_version"] == summary["version"]

@@ -232,6 +232,11 @@ def test_moto_still_has_the_hooks_local_mode_patches():
     assert hasattr(BaseExecutionWorkerCommunication, "terminated")
     for name in ("create_model_package", "update_model_package"):
         assert hasattr(SageMakerModelBackend, name), name
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service import (
+        StateTaskService,
+    )
+
+    assert isinstance(StateTaskService._SERVICE_NAME_SFN_TO_BOTO_OVERRIDES, dict)
     for name in (
         "create_training_job",
         "describe_training_job",

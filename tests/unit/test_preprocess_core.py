@@ -166,3 +166,6 @@ def test_spec_validation():
     assert DatasetSpec.from_json({"approval": "manual"}).approval == "manual"
     with pytest.raises(DatasetRejected, match="approval must be 'auto' or 'manual'"):
         DatasetSpec.from_json({"approval": "yes please"})
+    assert DatasetSpec.from_json({"serving": "serverless"}).serving == "serverless"
+    with pytest.raises(DatasetRejected, match="serving must be 'instances' or 'serverless'"):
+        DatasetSpec.from_json({"serving": "lambda"})
