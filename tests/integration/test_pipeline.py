@@ -340,9 +340,9 @@ class _Throttled(SagemakerClientError):
 def test_a_sagemaker_error_the_pipeline_cannot_get_past_fails_it_with_the_cause_and_deploys_nothing(
     cloud, monkeypatch
 ):
-    """The emulator answers CreateModel with ThrottlingException. (On AWS the Retry of SageMaker.Throttling-
-    Exception would absorb a few; moto 5.2.5 names every aws-sdk service error States.Runtime, so locally
-    it is the failure path that this exercises: docs/local-mode.md.)"""
+    """The emulator answers CreateModel with ThrottlingException, every time. (CreateModel is an optimised
+    integration, whose service errors moto 5.2.5 names States.Runtime: locally its Retry does not apply, so
+    this is the failure path; docs/local-mode.md. The aws-sdk calls retry: the next test.)"""
     calls: list[str] = []
 
     def create_model(backend, *args, **kwargs):
@@ -369,6 +369,36 @@ def test_a_sagemaker_error_the_pipeline_cannot_get_past_fails_it_with_the_cause_
     (event,) = events.events()
     assert event["detail-type"] == "Pipeline Failed"
     assert event["detail"]["error"] == "States.Runtime" and "ThrottlingException" in event["detail"]["cause"]
+
+
+@pytest.mark.filterwarnings("ignore:Exception\\(_Throttled\\):UserWarning")  # moto: not in the service model
+def test_a_throttled_sagemaker_call_is_retried_and_the_pipeline_succeeds(cloud, monkeypatch):
+    """RegisterApprovedModel (aws-sdk:sagemaker:createModelPackage) is throttled twice: its Retry (2 s, then
+    4 s) absorbs it, and the model deploys."""
+    original = sagemaker_models.SageMakerModelBackend.create_model_package
+    calls: list[int] = []
+
+    def create_model_package(backend, *args, **kwargs):
+        calls.append(1)
+        if len(calls) <= 2:
+            raise _Throttled("Rate exceeded")
+        return original(backend, *args, **kwargs)
+
+    monkeypatch.setattr(sagemaker_models.SageMakerModelBackend, "create_model_package", create_model_package)
+    outputs = cloud.outputs
+    s3, sfn = aws(outputs, "s3"), aws(outputs, "stepfunctions")
+    raw = outputs["RawBucketName"]
+    s3.put_object(Bucket=raw, Key="datasets/busy/conveyor.json", Body=b'{"target": "Kind"}')
+    s3.put_object(Bucket=raw, Key="datasets/busy/data.csv", Body=to_csv(three_class_rows(seed=13)))
+    execution = wait_for_execution(sfn, outputs["StateMachineArn"], "busy-")
+
+    assert execution["status"] == "SUCCEEDED", execution.get("cause")
+    assert json.loads(execution["output"])["outcome"] == "deployed"
+    assert len(calls) == 3
+    history = sfn.get_execution_history(executionArn=execution["executionArn"], maxResults=1000)["events"]
+    failures = [e["taskFailedEventDetails"] for e in history if e["type"] == "TaskFailed"]
+    assert [f["error"] for f in failures] == ["SageMaker.AmazonSageMakerException"] * 2
+    assert all("Rate exceeded" in f["cause"] for f in failures)
 
 
 def test_a_challenger_deploys_only_if_it_beats_the_champion(cloud):

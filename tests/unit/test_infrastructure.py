@@ -236,7 +236,13 @@ def test_moto_still_has_the_hooks_local_mode_patches():
         StateTaskService,
     )
 
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import (
+        state_task_service_aws_sdk as aws_sdk,
+    )
+
     assert isinstance(StateTaskService._SERVICE_NAME_SFN_TO_BOTO_OVERRIDES, dict)
+    assert isinstance(aws_sdk._SERVICE_ERROR_NAMES, dict)
+    assert isinstance(aws_sdk.StateTaskServiceAwsSdk.__dict__["_normalise_exception_name"], staticmethod)
     for name in (
         "create_training_job",
         "describe_training_job",

@@ -33,6 +33,7 @@ from conveyor.local.events import RULE_EVENT_TYPES, EventBridgeBus
 from conveyor.local.hosting import HostingAdapter, free_port
 from conveyor.local.lambdas import FunctionSpec, LambdaRuntime, SqsEventSource
 from conveyor.local.processing import ProcessingAdapter
+from conveyor.local.stepfunctions import StepFunctionsAdapter
 from conveyor.local.template import Stack
 from conveyor.local.training import TrainingAdapter
 
@@ -130,6 +131,7 @@ class LocalCloud:
         self.training = TrainingAdapter(self.client_factory("s3"), self.workdir)
         self.processing = ProcessingAdapter(self.client_factory("s3"), self.workdir)
         self.hosting = HostingAdapter(self.client_factory("s3"), self.workdir)
+        self.stepfunctions = StepFunctionsAdapter()
         self._pollers: list[SqsEventSource] = []
         self.gateway: Any = None
         self.outputs: dict[str, str] = {}
@@ -170,6 +172,7 @@ class LocalCloud:
         self.training.install()
         self.processing.install()
         self.hosting.install()
+        self.stepfunctions.install()
         self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
         self._server.start()
         requests.post(
@@ -202,7 +205,14 @@ class LocalCloud:
                 requests.post(f"{self.endpoint_url}/moto-api/reset", timeout=10)
             self._server.stop()
             self._server = None
-        for adapter in (self.hosting, self.processing, self.training, self.events, self.runtime):
+        for adapter in (
+            self.stepfunctions,
+            self.hosting,
+            self.processing,
+            self.training,
+            self.events,
+            self.runtime,
+        ):
             if adapter is not None:
                 adapter.uninstall()
         for key, value in self._saved_env.items():

@@ -43,16 +43,10 @@ from moto.sagemaker import models as sagemaker_models
 from moto.sagemaker import responses as sagemaker_responses
 from moto.sagemaker.exceptions import ValidationError
 from moto.sagemakerruntime import responses as runtime_responses
-from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service import (
-    StateTaskService,
-)
 
 from conveyor.local.training import split_s3
 
 log = logging.getLogger("localcloud.hosting")
-# aws-sdk service names of Step Functions that boto3 spells differently (moto 5.2.5 passes the ARN's name on
-# as is): the endpoints' auto scaling calls aws-sdk:applicationautoscaling.
-SDK_SERVICE_NAMES = {"applicationautoscaling": "application-autoscaling"}
 READY_TIMEOUT = 180
 
 
@@ -113,13 +107,9 @@ class HostingAdapter:
         self._all: list[Server] = []
         self._lock = threading.Lock()
         self._saved: dict[tuple[type, str], Any] = {}
-        self._service_names_added: list[str] = []
 
     # ------------------------------------------------------------------ hooks
     def install(self) -> None:
-        overrides = StateTaskService._SERVICE_NAME_SFN_TO_BOTO_OVERRIDES
-        self._service_names_added = [name for name in SDK_SERVICE_NAMES if name not in overrides]
-        overrides.update({name: SDK_SERVICE_NAMES[name] for name in self._service_names_added})  # type: ignore[attr-defined]
         backend = sagemaker_models.SageMakerModelBackend
         runtime_response = runtime_responses.SageMakerRuntimeResponse
         for owner, name in (
@@ -193,9 +183,6 @@ class HostingAdapter:
         runtime_response.invoke_endpoint = invoke_endpoint_response  # type: ignore[method-assign]
 
     def uninstall(self) -> None:
-        for name in self._service_names_added:
-            StateTaskService._SERVICE_NAME_SFN_TO_BOTO_OVERRIDES.pop(name, None)  # type: ignore[attr-defined]
-        self._service_names_added = []
         for (owner, name), value in self._saved.items():
             if value is None:
                 if hasattr(owner, name):
