@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from local_stack import EventInbox, aws, signed_post, states_entered, wait_for_execution
+from local_stack import EventInbox, Inbox, aws, signed_post, states_entered, wait_for_execution
 from moto.sagemaker import models as sagemaker_models
 from moto.sagemaker.exceptions import SagemakerClientError
 
@@ -399,6 +399,31 @@ def test_a_throttled_sagemaker_call_is_retried_and_the_pipeline_succeeds(cloud, 
     failures = [e["taskFailedEventDetails"] for e in history if e["type"] == "TaskFailed"]
     assert [f["error"] for f in failures] == ["SageMaker.AmazonSageMakerException"] * 2
     assert all("Rate exceeded" in f["cause"] for f in failures)
+
+
+def test_a_failed_training_job_is_notified_with_its_reason_and_deploys_nothing(cloud):
+    outputs = cloud.outputs
+    s3, sfn, sagemaker = (aws(outputs, s) for s in ("s3", "stepfunctions", "sagemaker"))
+    inbox = Inbox(outputs, "broken-training-notifications")
+    raw = outputs["RawBucketName"]
+    spec = b'{"target": "Kind", "hyperparameters": {"hidden_units": "lots"}}'
+    s3.put_object(Bucket=raw, Key="datasets/broken-training/conveyor.json", Body=spec)
+    s3.put_object(Bucket=raw, Key="datasets/broken-training/data.csv", Body=to_csv(three_class_rows(seed=14)))
+    execution = wait_for_execution(sfn, outputs["StateMachineArn"], "broken-training-")
+
+    assert execution["status"] == "FAILED"
+    assert execution["error"] == "TrainingJobFailed"
+    # The training script's own words, which SageMaker reports as the job's FailureReason.
+    assert "hidden_units must be comma-separated integers, got 'lots'" in execution["cause"]
+    (notice,) = [m for m in inbox.messages() if m["outcome"] == "failed"]
+    assert notice["error"] == "TrainingJobFailed" and "hidden_units" in notice["cause"]
+    entered = states_entered(sfn, execution["executionArn"])
+    assert "GetTrainingFailure" in entered and not [
+        s for s in entered if s.startswith(("Register", "Create"))
+    ]
+    assert "conveyor-broken-training" not in [
+        e["EndpointName"] for e in sagemaker.list_endpoints()["Endpoints"]
+    ]
 
 
 def test_a_challenger_deploys_only_if_it_beats_the_champion(cloud):

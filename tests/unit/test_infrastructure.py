@@ -232,12 +232,11 @@ def test_moto_still_has_the_hooks_local_mode_patches():
     assert hasattr(BaseExecutionWorkerCommunication, "terminated")
     for name in ("create_model_package", "update_model_package"):
         assert hasattr(SageMakerModelBackend, name), name
-    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service import (
-        StateTaskService,
-    )
-
     from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import (
         state_task_service_aws_sdk as aws_sdk,
+    )
+    from moto.stepfunctions.parser.asl.component.state.exec.state_task.service.state_task_service import (
+        StateTaskService,
     )
 
     assert isinstance(StateTaskService._SERVICE_NAME_SFN_TO_BOTO_OVERRIDES, dict)
