@@ -104,6 +104,8 @@ def test_upload_trains_registers_deploys_and_serves_over_https(cloud, outputs_fi
     metadata = package["CustomerMetadataProperties"]
     assert metadata["training_job"] == f"sea-creatures-{version}" and metadata["version"] == version
     assert metadata["source_key"] == "datasets/Sea Creatures/catch 2026.csv"
+    head = s3.head_object(Bucket=raw, Key="datasets/Sea Creatures/catch 2026.csv")
+    assert metadata["source_version_id"] == head["VersionId"]
     assert metadata["code_version"].startswith("sha256:") and " git:" in metadata["code_version"]
     metrics_uri = package["ModelMetrics"]["ModelQuality"]["Statistics"]["S3Uri"]
     bucket, key = metrics_uri[len("s3://") :].split("/", 1)
