@@ -11,6 +11,7 @@ defaults, so the same file runs in the AWS PyTorch training image and on a lapto
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -27,9 +28,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import distributed, nn
 from torch.nn import functional
+from torch.nn.parallel import DistributedDataParallel
 
+from checkpoint import Checkpoints, checkpoint_directory
 from data import SPLITS, DataError, Encoder, Split, read_manifest, read_split
 from metrics import classification_evaluation, regression_evaluation
 from model import TabularMLP
@@ -57,6 +60,7 @@ HYPERPARAMETERS = (
     "max_vocabulary",
     "seed",
     "patience",
+    "checkpoint_steps",
 )
 
 
@@ -153,6 +157,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     hyper.add_argument("--seed", type=int, default=7)
     hyper.add_argument("--patience", type=int, default=8, help="epochs without a lower validation loss")
+    hyper.add_argument(
+        "--checkpoint-steps",
+        "--checkpoint_steps",
+        dest="checkpoint_steps",
+        type=int,
+        default=500,
+        help="save a checkpoint every this many optimizer steps (and at every epoch's end); 0: epochs only",
+    )
     parser.set_defaults(**_defaults_from_sm_hps())
 
     args, unknown = parser.parse_known_args(argv)
@@ -177,6 +189,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "patience": args.patience >= 1,
         "class_weights": args.class_weights in ("none", "sqrt", "balanced"),
         "max_vocabulary": args.max_vocabulary >= 1,
+        "checkpoint_steps": args.checkpoint_steps >= 0,
     }
     bad = [f"{name}={getattr(args, name)}" for name, ok in checks.items() if not ok]
     if bad:
@@ -263,6 +276,30 @@ def class_weights(train_targets: np.ndarray, classes: int, scheme: str) -> np.nd
     return weights
 
 
+@dataclass(frozen=True)
+class Processes:
+    """This process's place among the training processes: one, or many under torchrun (SageMaker's
+    ``torch_distributed``, several GPUs and/or instances), which set RANK, WORLD_SIZE and LOCAL_RANK."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> Processes:
+        env = os.environ
+        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
+
+    @property
+    def main(self) -> bool:
+        """The process that reports, checkpoints and saves the model."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
 @dataclass
 class FitResult:
     """How training went: the epoch whose weights were kept, and the per-epoch history."""
@@ -280,14 +317,26 @@ def fit(
     train: tuple[torch.Tensor, torch.Tensor],
     validation: tuple[torch.Tensor, torch.Tensor],
     args: argparse.Namespace,
+    checkpoints: Checkpoints | None = None,
+    processes: Processes = Processes(),
 ) -> FitResult:
     """Mini-batch AdamW with early stopping on validation loss; leaves the best epoch's weights loaded.
 
     Prints one line per epoch for SageMaker's metric definitions, e.g.
     ``epoch=3 train_loss=0.4100 validation_loss=0.3900 validation_accuracy=0.8700``.
+
+    Every `args.checkpoint_steps` optimizer steps and at every epoch's end the whole state (weights,
+    optimizer, schedule, best epoch, position in the epoch's shuffled order, random state) goes to
+    `checkpoints`; a run that finds its checkpoint continues from it, and a single process then trains
+    exactly the model an uninterrupted run would have. Under torchrun each step's batch is split across the
+    processes and DistributedDataParallel averages their gradients: the same global batch as one process.
     """
     x_train, y_train = train
     x_val, y_val = validation
+    model: nn.Module = network
+    if processes.distributed:
+        device_ids = [x_train.device.index] if x_train.device.type == "cuda" else None
+        model = DistributedDataParallel(network, device_ids=device_ids)
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=0.5, patience=max(1, args.patience // 3)
@@ -295,27 +344,78 @@ def fit(
     # Shuffling draws from its own generator, so the order does not depend on what else consumed randomness.
     shuffler = torch.Generator().manual_seed(args.seed)
     rows = len(x_train)
+    steps_per_epoch = math.ceil(rows / args.batch_size)
     best = FitResult(best_epoch=0, best_validation_loss=math.inf, epochs_run=0, seconds=0.0)
     best_state: dict[str, torch.Tensor] = {}
-    started = time.monotonic()
-    for epoch in range(1, args.epochs + 1):
+    first_epoch, first_step, step_count, epoch_total = 1, 0, 0, 0.0
+    saved = checkpoints.load() if checkpoints is not None else None
+    if saved is not None:
+        network.load_state_dict(saved["network"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        best = FitResult(**saved["result"])
+        best_state = saved["best_state"]
+        shuffler.set_state(saved["shuffler"])
+        torch.set_rng_state(saved["torch_rng"])
+        first_epoch, first_step = saved["epoch"], saved["step"]
+        step_count, epoch_total = saved["step_count"], saved["epoch_total"]
+        log.info(
+            "resuming from the checkpoint: epoch %d, step %d of %d", first_epoch, first_step, steps_per_epoch
+        )
+    started = time.monotonic() - best.seconds
+
+    def checkpoint(epoch: int, step: int, epoch_shuffler: torch.Tensor, total: float) -> None:
+        if checkpoints is None or not processes.main:
+            return
+        best.seconds = time.monotonic() - started
+        checkpoints.save(
+            {
+                "network": network.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "result": dataclasses.asdict(best),
+                "best_state": best_state,
+                "shuffler": epoch_shuffler,
+                "torch_rng": torch.get_rng_state(),
+                "epoch": epoch,
+                "step": step,
+                "step_count": step_count,
+                "epoch_total": total,
+            }
+        )
+
+    stopped = False
+    for epoch in range(first_epoch, args.epochs + 1):
         network.train()
+        epoch_shuffler = shuffler.get_state()
         order = torch.randperm(rows, generator=shuffler).to(x_train.device)
-        total = 0.0
-        for start in range(0, rows, args.batch_size):
-            batch = order[start : start + args.batch_size]
+        total = epoch_total if epoch == first_epoch else 0.0
+        for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
+            batch = order[step * args.batch_size : (step + 1) * args.batch_size]
+            if len(batch) < processes.world_size:  # too few rows to give every process one (same on all)
+                continue
+            shard = batch[processes.rank :: processes.world_size]
             optimizer.zero_grad(set_to_none=True)
-            loss = objective.train_loss(network(x_train[batch]), y_train[batch])
-            loss.backward()
+            loss = objective.train_loss(model(x_train[shard]), y_train[shard])
+            # Scaled so that DDP's average over processes is the mean over the whole batch.
+            (loss * (len(shard) * processes.world_size / len(batch))).backward()
             optimizer.step()
-            total += loss.item() * len(batch)
+            total += loss.item() * len(shard)
+            step_count += 1
+            if checkpoints is not None and checkpoints.due(step_count) and step + 1 < steps_per_epoch:
+                checkpoint(epoch, step + 1, epoch_shuffler, total)
+        if processes.distributed:
+            summed = torch.tensor([total], dtype=torch.float64, device=x_train.device)
+            distributed.all_reduce(summed)
+            total = float(summed.item())
         report = objective.validation_report(predict(network, x_val), y_val)
         train_loss, val_loss = total / rows, report["validation_loss"]
-        print(
-            f"epoch={epoch} train_loss={train_loss:.4f} "
-            + " ".join(f"{name}={value:.4f}" for name, value in report.items()),
-            flush=True,
-        )
+        if processes.main:
+            print(
+                f"epoch={epoch} train_loss={train_loss:.4f} "
+                + " ".join(f"{name}={value:.4f}" for name, value in report.items()),
+                flush=True,
+            )
         best.history.append({"epoch": epoch, "train_loss": train_loss, **report})
         best.epochs_run = epoch
         if not math.isfinite(val_loss):
@@ -334,6 +434,10 @@ def fit(
                 best.best_validation_loss,
                 best.best_epoch,
             )
+            stopped = True
+        # The next epoch starts from here: its shuffled order comes from the shuffler's state now.
+        checkpoint(epoch + 1, 0, shuffler.get_state(), 0.0)
+        if stopped:
             break
     network.load_state_dict(best_state)
     network.eval()
@@ -438,7 +542,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         The ``evaluation.json`` document.
     """
     seed_everything(args.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    processes = Processes.from_env()
+    if torch.cuda.is_available():
+        device = torch.device("cuda", processes.local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if processes.distributed and not distributed.is_initialized():
+        distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if device.type == "cpu":
         # A tabular MLP's mini-batches are too small for intra-op threads to pay off: syncing them costs
         # more than it saves, and on a busy machine spinning OpenMP workers make a step ~50x slower.
@@ -481,7 +592,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
     else:
         objective = Regression(encoder.target_std)
-    result = fit(network, objective, tensors["train"], tensors["validation"], args)
+    checkpoints = Checkpoints(
+        checkpoint_directory(),
+        {
+            "dataset": manifest.get("dataset"),
+            "version": manifest.get("version"),
+            "hyperparameters": hyperparameters(args),
+            "processes": processes.world_size,
+        },
+        args.checkpoint_steps,
+    )
+    result = fit(network, objective, tensors["train"], tensors["validation"], args, checkpoints, processes)
+    if not processes.main:
+        return {}  # the main process evaluates and saves the model the processes trained together
     log.info(
         "kept epoch %d of %d (validation loss %.4f); %.1f s",
         result.best_epoch,
@@ -590,6 +713,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parse_args(argv)
         train(args)
+        if distributed.is_initialized():
+            distributed.destroy_process_group()
     except Exception as exc:
         # Bad input gets its message alone; anything else its type and traceback too.
         expected = isinstance(exc, DataError | ConfigurationError)

@@ -779,3 +779,98 @@ def test_published_training_code_carries_the_commit_it_came_from():
         stamp = tar.extractfile("CODE_VERSION").read().decode().strip()
         names = set(tar.getnames())
     assert stamp.startswith("git:") and {"train.py", "inference.py"} <= names
+
+
+# --- scale: checkpoints and several processes ------------------------------------------------------------
+
+
+def training_command(root: Path, rows, manifest, *extra, launcher=()):
+    """The command and environment of a training job on `rows`, checkpointing to <root>/checkpoints."""
+    channels = write_channels(root / "input", rows, manifest)
+    ml = root / "opt/ml"
+    env = {
+        **os.environ,
+        "SM_MODEL_DIR": str(ml / "model"),
+        "SM_OUTPUT_DATA_DIR": str(ml / "output/data"),
+        "SM_OUTPUT_DIR": str(ml / "output"),
+        "SM_CHECKPOINT_DIR": str(root / "checkpoints"),
+        **{f"SM_CHANNEL_{name.upper()}": str(path) for name, path in channels.items()},
+    }
+    command = [*launcher, str(TRAINING / "train.py"), "--hidden_units", "32,16", "--batch_size", "64", *extra]
+    if not launcher:
+        command.insert(0, sys.executable)
+    return command, env
+
+
+def tier_case():
+    rows = tier_rows(1000, random.Random(1))
+    labels = ["bronze", "gold", "silver"]
+    features = {"spend": "numeric", "plan": "categorical"}
+    return rows, manifest_for(
+        rows[:800], "classification", "tier", features, ignored=["customer_id"], labels=labels
+    )
+
+
+def test_a_killed_training_resumes_from_its_checkpoint_and_trains_the_same_model(tmp_path):
+    """A spot interruption, as SIGKILL mid-epoch: the job started again resumes from the last checkpoint
+    and ends with exactly the weights of a run that was never interrupted."""
+    import signal
+
+    import torch
+
+    rows, manifest = tier_case()
+    settings = ("--epochs", "40", "--patience", "40", "--checkpoint_steps", "5")
+    whole_command, whole_env = training_command(tmp_path / "whole", rows, manifest, *settings)
+    whole = subprocess.run(whole_command, env=whole_env, capture_output=True, text=True, timeout=300)
+    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-2000:]
+
+    root = tmp_path / "interrupted"
+    command, env = training_command(root, rows, manifest, *settings)
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in job.stdout:  # kill it once it is a few epochs in and has checkpointed mid-epoch
+        seen.append(line)
+        if line.startswith("epoch=6 "):
+            break
+    assert job.poll() is None, "the job ended before it could be interrupted"
+    job.send_signal(signal.SIGKILL)
+    job.wait(timeout=30)
+    assert list((root / "checkpoints").glob("checkpoint-*.pt")), "no checkpoint was written"
+    assert not (root / "opt/ml/model/model.pth").exists()
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "resuming from the checkpoint: epoch " in again.stdout + again.stderr
+    assert "epoch=1 " not in again.stdout, "it started over"
+    weights = torch.load(root / "opt/ml/model/model.pth", weights_only=True)
+    expected = torch.load(tmp_path / "whole/opt/ml/model/model.pth", weights_only=True)
+    assert all(torch.equal(weights[name], expected[name]) for name in expected)
+    evaluation = json.loads((root / "opt/ml/model/evaluation.json").read_text())
+    reference = json.loads((tmp_path / "whole/opt/ml/model/evaluation.json").read_text())
+    assert evaluation["multiclass_classification_metrics"] == reference["multiclass_classification_metrics"]
+
+
+def test_two_processes_under_torchrun_train_as_well_as_one(tmp_path):
+    """DistributedDataParallel with two CPU processes (gloo), as SageMaker's torch_distributed runs it: the
+    same global batch split in two, gradients averaged; the test metric matches one process's."""
+    rows, manifest = tier_case()
+    settings = ("--epochs", "20", "--patience", "20")
+    one_command, one_env = training_command(tmp_path / "one", rows, manifest, *settings)
+    one = subprocess.run(one_command, env=one_env, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stdout[-2000:] + one.stderr[-2000:]
+
+    launcher = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    command, env = training_command(tmp_path / "two", rows, manifest, *settings, launcher=launcher)
+    two = subprocess.run(
+        command, env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+    )
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert two.stdout.count("test_accuracy=") == 1, "only the main process reports and saves"
+
+    def accuracy(root):
+        document = json.loads((root / "opt/ml/model/evaluation.json").read_text())
+        return document["conveyor"]["value"], document["conveyor"]["baseline"]
+
+    (single, baseline), (double, _) = accuracy(tmp_path / "one"), accuracy(tmp_path / "two")
+    assert abs(single - double) <= 0.05, (single, double)
+    assert double > baseline + 0.2
