@@ -11,18 +11,8 @@ from pathlib import Path
 import pytest
 from local_stack import Inbox, aws
 
-from conveyor.local.cloud import LocalCloud
-
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def cloud(tmp_path_factory):
-    local = LocalCloud(ROOT, workdir=tmp_path_factory.mktemp("cloud"))
-    local.start()
-    yield local
-    local.stop()
 
 
 def rows(n=300, seed=11) -> bytes:

@@ -11,19 +11,12 @@ from pathlib import Path
 import pytest
 from local_stack import Inbox, aws, states_entered, wait_for_execution
 
-from conveyor.local.cloud import LocalCloud
-
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def cloud(tmp_path_factory):
-    # One poll per loop: training (seconds locally, with 1 s polls) always outlasts it.
-    local = LocalCloud(ROOT, workdir=tmp_path_factory.mktemp("cloud"), parameters={"MaxPollsPerLoop": "1"})
-    local.start()
-    yield local
-    local.stop()
+# One poll per loop: training (seconds locally, with 1 s polls) always outlasts it.
+CLOUD_PARAMETERS = {"MaxPollsPerLoop": "1"}
 
 
 def rows(n=300, seed=5) -> bytes:

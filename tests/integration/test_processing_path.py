@@ -15,23 +15,12 @@ from pathlib import Path
 import pytest
 from local_stack import Inbox, aws, signed_post, states_entered, wait_for_execution
 
-from conveyor.local.cloud import LocalCloud
-
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 THRESHOLD = 4096
 
 
-@pytest.fixture(scope="module")
-def cloud(tmp_path_factory):
-    local = LocalCloud(
-        ROOT,
-        workdir=tmp_path_factory.mktemp("cloud"),
-        parameters={"LambdaPreprocessMaxBytes": str(THRESHOLD)},
-    )
-    local.start()
-    yield local
-    local.stop()
+CLOUD_PARAMETERS = {"LambdaPreprocessMaxBytes": str(THRESHOLD)}
 
 
 def sensor_rows(n=800, seed=21) -> bytes:

@@ -48,6 +48,23 @@ class Rule:
     dead_letter: Callable[[dict[str, Any]], None] | None = None
 
 
+def service_event(
+    source: str, detail_type: str, resource: str, detail: dict[str, Any], region: str, account_id: str
+) -> dict[str, Any]:
+    """An event as an AWS service puts it on the default bus: the envelope around `detail`."""
+    return {
+        "version": "0",
+        "id": str(uuid.uuid4()),
+        "detail-type": detail_type,
+        "source": source,
+        "account": account_id,
+        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "region": region,
+        "resources": [resource],
+        "detail": detail,
+    }
+
+
 def execution_status_change(execution: Any, region: str, account_id: str) -> dict[str, Any]:
     """The event Step Functions sends when `execution` (moto's parser Execution) changes status."""
     status = execution.exec_status.value
@@ -58,16 +75,11 @@ def execution_status_change(execution: Any, region: str, account_id: str) -> dic
     output = None
     if status == "SUCCEEDED" and execution.output is not None:
         output = json.dumps(execution.output, separators=(",", ":"))
-    return {
-        "version": "0",
-        "id": str(uuid.uuid4()),
-        "detail-type": "Step Functions Execution Status Change",
-        "source": "aws.states",
-        "account": account_id,
-        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "region": region,
-        "resources": [execution.exec_arn],
-        "detail": {
+    return service_event(
+        "aws.states",
+        "Step Functions Execution Status Change",
+        execution.exec_arn,
+        {
             "executionArn": execution.exec_arn,
             "stateMachineArn": execution.state_machine.arn,
             "name": execution.name,
@@ -81,21 +93,18 @@ def execution_status_change(execution: Any, region: str, account_id: str) -> dic
             "error": execution.error,
             "cause": execution.cause,
         },
-    }
+        region,
+        account_id,
+    )
 
 
 def model_package_state_change(package: Any, region: str, account_id: str) -> dict[str, Any]:
     """The event SageMaker sends when a model package (moto's ModelPackage) is created or changes status."""
-    return {
-        "version": "0",
-        "id": str(uuid.uuid4()),
-        "detail-type": "SageMaker Model Package State Change",
-        "source": "aws.sagemaker",
-        "account": account_id,
-        "time": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "region": region,
-        "resources": [package.arn],
-        "detail": {
+    return service_event(
+        "aws.sagemaker",
+        "SageMaker Model Package State Change",
+        package.arn,
+        {
             "ModelPackageGroupName": package.model_package_group_name,
             "ModelPackageVersion": package.model_package_version,
             "ModelPackageArn": package.arn,
@@ -103,7 +112,9 @@ def model_package_state_change(package: Any, region: str, account_id: str) -> di
             "ModelApprovalStatus": package.model_approval_status,
             "CustomerMetadataProperties": package.customer_metadata_properties or {},
         },
-    }
+        region,
+        account_id,
+    )
 
 
 class EventBridgeBus:
