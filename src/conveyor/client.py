@@ -28,6 +28,7 @@ OUTPUT_KEYS = (
     "StateMachineArn",
     "ApiUrl",
     "NotificationTopicArn",
+    "DashboardUrl",
 )
 
 

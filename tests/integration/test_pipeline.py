@@ -18,18 +18,9 @@ from moto.sagemaker import models as sagemaker_models
 from moto.sagemaker.exceptions import SagemakerClientError
 
 from conveyor import client
-from conveyor.local.cloud import LocalCloud
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def cloud(tmp_path_factory):
-    local = LocalCloud(ROOT, workdir=tmp_path_factory.mktemp("cloud"))
-    local.start()
-    yield local
-    local.stop()
 
 
 @pytest.fixture(scope="module")
@@ -489,3 +480,25 @@ def test_a_challenger_deploys_only_if_it_beats_the_champion(cloud):
     assert heard[2]["detail"]["execution"] == again["executionArn"]
     assert again["executionArn"] in heard[2]["resources"]
     assert "/states/home?region=us-east-1#/v2/executions/details/" in heard[2]["detail"]["console_url"]
+
+
+def test_the_stack_has_its_alarms_and_dashboard(cloud):
+    cloudwatch = aws(cloud.outputs, "cloudwatch")
+    alarms = {
+        a["AlarmName"]: a for a in cloudwatch.describe_alarms(AlarmNamePrefix="conveyor-")["MetricAlarms"]
+    }
+    for name, metric in (
+        ("conveyor-IngestDeadLetterAlarm", "ApproximateNumberOfMessagesVisible"),
+        ("conveyor-AsyncFailuresAlarm", "ApproximateNumberOfMessagesVisible"),
+        ("conveyor-PipelineFailuresAlarm", "ExecutionsFailed"),
+        ("conveyor-ApiServerErrorsAlarm", "5xx"),
+    ):
+        assert alarms[name]["MetricName"] == metric
+        assert alarms[name]["AlarmActions"] == [cloud.outputs["NotificationTopicArn"]]
+    dead_letters = {d["Value"] for d in alarms["conveyor-IngestDeadLetterAlarm"]["Dimensions"]}
+    assert dead_letters == {"conveyor-IngestDeadLetterQueue"}
+    (dashboard,) = cloudwatch.list_dashboards()["DashboardEntries"]
+    body = json.loads(cloudwatch.get_dashboard(DashboardName=dashboard["DashboardName"])["DashboardBody"])
+    titles = [w["properties"]["title"] for w in body["widgets"]]
+    assert "Pipeline executions" in titles and any(t.startswith("Endpoints") for t in titles)
+    assert dashboard["DashboardName"] in cloud.outputs["DashboardUrl"]

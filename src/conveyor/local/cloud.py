@@ -49,6 +49,22 @@ LOCAL_PARAMETERS = {
 }
 
 
+# The AWS::CloudWatch::Alarm properties that are PutMetricAlarm parameters of the same name.
+ALARM_PROPERTIES = (
+    "AlarmDescription",
+    "Namespace",
+    "MetricName",
+    "Dimensions",
+    "Statistic",
+    "Period",
+    "EvaluationPeriods",
+    "Threshold",
+    "ComparisonOperator",
+    "TreatMissingData",
+    "AlarmActions",
+)
+
+
 class LocalCloudError(RuntimeError):
     """The local stack cannot start; the message says what to change."""
 
@@ -323,6 +339,7 @@ class LocalCloud:
                 roleArn=f"arn:aws:iam::{stack.account_id}:role/{stack.stack_name}-local-states",
                 type=machine.properties.get("Type", "STANDARD"),
             )
+        self._create_observability()
         for bucket in stack.of_type("AWS::S3::Bucket"):
             notification = bucket.properties.get("NotificationConfiguration", {})
             configurations = [
@@ -379,6 +396,22 @@ class LocalCloud:
                     function.attributes["Ref"],
                     self._dead_letter(function.properties.get("DeadLetterQueue")),
                 )
+
+    def _create_observability(self) -> None:
+        """The template's alarms and dashboard, in moto's CloudWatch (nothing evaluates them locally)."""
+        stack, cloudwatch = self.stack, self.client("cloudwatch")
+        for alarm in stack.of_type("AWS::CloudWatch::Alarm"):
+            props = stack.resolve(alarm.properties)
+            cloudwatch.put_metric_alarm(
+                AlarmName=alarm.attributes["Ref"],
+                **{key: props[key] for key in ALARM_PROPERTIES if key in props},
+            )
+        for dashboard in stack.of_type("AWS::CloudWatch::Dashboard"):
+            props = stack.resolve(dashboard.properties)
+            json.loads(props["DashboardBody"])  # a body CloudWatch would refuse fails here too
+            cloudwatch.put_dashboard(
+                DashboardName=props["DashboardName"], DashboardBody=props["DashboardBody"]
+            )
 
     def _dead_letter(self, config: dict[str, Any] | None) -> Callable[[dict[str, Any]], None] | None:
         """What Lambda does with an asynchronous event the function failed: its DeadLetterQueue (SQS)."""

@@ -119,6 +119,8 @@ class Stack:
             return {"Ref": arn, "Arn": arn, "Name": generated}
         if kind == "AWS::Serverless::HttpApi":
             return {"Ref": "local"}
+        if kind == "AWS::CloudWatch::Dashboard" and "DashboardName" in props:
+            return {"Ref": self.resolve(props["DashboardName"])}
         return {"Ref": generated}
 
     def of_type(self, kind: str) -> list[Resource]:
@@ -126,7 +128,7 @@ class Stack:
 
     # ------------------------------------------------------------------ intrinsics
     def resolve(self, value: Any) -> Any:
-        """Resolve Ref, Fn::GetAtt and Fn::Sub (the intrinsics conveyor's template uses)."""
+        """Resolve Ref, Fn::GetAtt, Fn::Sub and Fn::If (the intrinsics conveyor's template uses)."""
         if isinstance(value, list):
             return [self.resolve(v) for v in value]
         if not isinstance(value, dict):
@@ -139,11 +141,33 @@ class Stack:
                 return self._get_att(arg[0], arg[1])
             if key == "Fn::Sub":
                 return self._sub(arg)
+            if key == "Fn::If":
+                condition, if_true, if_false = arg
+                return self.resolve(if_true if self.condition(condition) else if_false)
             if key.startswith("Fn::"):
                 raise NotImplementedError(
-                    f"local mode does not resolve {key}; keep the template to Ref/GetAtt/Sub"
+                    f"local mode does not resolve {key}; keep the template to Ref/GetAtt/Sub/If"
                 )
         return {k: self.resolve(v) for k, v in value.items()}
+
+    def condition(self, name: str) -> bool:
+        """A template condition, evaluated with the stack's parameters."""
+        return self._evaluate(self.template["Conditions"][name])
+
+    def _evaluate(self, expression: Any) -> bool:
+        ((function, arg),) = expression.items()
+        if function == "Fn::Equals":
+            left, right = (str(self.resolve(v)) for v in arg)
+            return left == right
+        if function == "Fn::Not":
+            return not self._evaluate(arg[0])
+        if function == "Fn::And":
+            return all(self._evaluate(e) for e in arg)
+        if function == "Fn::Or":
+            return any(self._evaluate(e) for e in arg)
+        if function == "Condition":
+            return self.condition(arg)
+        raise NotImplementedError(f"local mode does not evaluate {function} in a condition")
 
     def _ref(self, name: str) -> str:
         if name in self.pseudo:
