@@ -15,8 +15,13 @@ CFN_LINT      := cfn-lint==1.58.0
 CHECKOV_VENV  := .tools/checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 CHECKOV       := checkov==3.3.30
+# LocalStack (issue 7's tier) in its own virtualenv: localstack-core 2026.3.0 needs Python 3.13 (pyenv's,
+# else python3.13 on PATH) and pins its own boto3. Versions: tests/localstack/requirements.txt.
+LOCALSTACK_VENV  := .tools/localstack
+LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed
+PY313 := $(shell ls -d $$HOME/.pyenv/versions/3.13*/bin/python3.13 2>/dev/null | tail -1 | grep . || command -v python3.13)
 
-.PHONY: demo test test-unit test-fuzz lint lint-infra install clean bench-preprocess
+.PHONY: demo test test-unit test-fuzz test-localstack lint lint-infra install clean bench-preprocess bench-quality bench-train
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: conveyor needs Python 3.11+" >&2; exit 1; }
@@ -32,13 +37,21 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/conveyor demo
 
-test: $(STAMP) lint-infra
-	$(BIN)/python -m pytest
+# The main suite, then the LocalStack tier (its tests are left out of the first run, which has no LocalStack).
+test: $(STAMP) lint-infra $(LOCALSTACK_STAMP)
+	$(BIN)/python -m pytest -m "not localstack"
+	scripts/localstack_tier.sh
 
 $(SAM_STAMP):
 	@test -x $(SAM_VENV)/bin/python || $(PYTHON) -m venv $(SAM_VENV)
 	$(SAM_VENV)/bin/pip install --quiet "$(SAM_CLI)"
 	@touch $(SAM_STAMP)
+
+$(LOCALSTACK_STAMP): tests/localstack/requirements.txt
+	@test -n "$(PY313)" || { echo "LocalStack needs Python 3.13 (pyenv install 3.13, or python3.13 on PATH)" >&2; exit 1; }
+	@test -x $(LOCALSTACK_VENV)/bin/python || $(PY313) -m venv $(LOCALSTACK_VENV)
+	$(LOCALSTACK_VENV)/bin/pip install --quiet -r tests/localstack/requirements.txt
+	@touch $(LOCALSTACK_STAMP)
 
 $(CFNLINT_STAMP):
 	@test -x $(CFNLINT_VENV)/bin/python || $(PYTHON) -m venv $(CFNLINT_VENV)
@@ -70,6 +83,11 @@ lint-infra: $(SAM_STAMP) $(CFNLINT_STAMP) $(CHECKOV_STAMP)
 test-unit: $(STAMP)
 	$(BIN)/python -m pytest tests/unit
 
+# Issue 7's tier: the parts of the stack LocalStack runs here (S3, SQS, SNS, IAM, EventBridge, Step Functions),
+# against a LocalStack started without Docker on a free port and always stopped (docs/localstack.md).
+test-localstack: $(STAMP) $(LOCALSTACK_STAMP)
+	scripts/localstack_tier.sh
+
 # The preprocessing fuzz suite at full size (10,000 generated files per test; CI runs 200).
 test-fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest tests/unit/test_preprocess_fuzz.py -p no:cacheprovider
@@ -82,6 +100,16 @@ lint: $(STAMP)
 # Results: benchmarks/results/preprocess.{json,md}. Pass options with BENCH_ARGS="--quick" or "--repeats 1".
 bench-preprocess: $(STAMP)
 	$(BIN)/python benchmarks/preprocess.py $(BENCH_ARGS)
+
+# Issue 5's figures: conveyor's tabular recipe against scikit-learn's LogisticRegression/Ridge on held-out
+# data, 5 small datasets x 10 splits (about 5 minutes). Results: benchmarks/results/quality.{json,md}.
+bench-quality: $(STAMP)
+	$(BIN)/python benchmarks/quality.py $(BENCH_ARGS)
+
+# Issue 5's speed figures: train.fit vs a bare torch loop, the local model server vs a naive Flask server,
+# the inference proxy's added latency (about 3 minutes). Results: benchmarks/results/train.{json,md}.
+bench-train: $(STAMP)
+	$(BIN)/python benchmarks/train.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache build *.egg-info src/*.egg-info

@@ -33,7 +33,6 @@ import importlib.util
 import io
 import json
 import os
-import platform
 import re
 import shutil
 import statistics
@@ -45,6 +44,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import _shared
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = Path(__file__).resolve().parent
@@ -421,30 +422,7 @@ def measure(task: str, source: Path, work_root: Path) -> dict[str, Any]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    memory = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        first = Path("/proc/meminfo").read_text().splitlines()[0]
-        memory = round(int(first.split()[1]) / (1 << 20), 1)
-    try:
-        pandas_version = importlib.metadata.version("pandas")
-    except importlib.metadata.PackageNotFoundError:
-        pandas_version = None
-    return {
-        "cpu_model": cpu,
-        "cores": os.cpu_count(),
-        "memory_gib": memory,
-        "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-        "python": platform.python_version(),
-        "implementation": platform.python_implementation(),
-        "platform": platform.platform(),
-        "pandas": pandas_version,
-    }
+    return _shared.machine(("pandas",))
 
 
 def code_version() -> dict[str, Any]:
