@@ -394,11 +394,14 @@ def fit(
             batch = order[step * args.batch_size : (step + 1) * args.batch_size]
             if len(batch) < processes.world_size:  # too few rows to give every process one (same on all)
                 continue
-            shard = batch[processes.rank :: processes.world_size]
+            shard = batch[processes.rank :: processes.world_size] if processes.distributed else batch
             optimizer.zero_grad(set_to_none=True)
             loss = objective.train_loss(model(x_train[shard]), y_train[shard])
-            # Scaled so that DDP's average over processes is the mean over the whole batch.
-            (loss * (len(shard) * processes.world_size / len(batch))).backward()
+            if processes.distributed:
+                # Scaled so that DDP's average over processes is the mean over the whole batch.
+                (loss * (len(shard) * processes.world_size / len(batch))).backward()
+            else:
+                loss.backward()
             optimizer.step()
             total += loss.item() * len(shard)
             step_count += 1

@@ -203,7 +203,8 @@ class TrainedCase:
         return json.loads((self.model_dir / "evaluation.json").read_text())
 
 
-def run_training(root: Path, rows, manifest, *extra) -> TrainedCase:
+def training_command(root: Path, rows, manifest, *extra, launcher=()):
+    """The command and environment of a training job on `rows`, checkpointing to <root>/checkpoints."""
     channels = write_channels(root / "input", rows, manifest)
     ml = root / "opt/ml"
     env = {
@@ -211,26 +212,34 @@ def run_training(root: Path, rows, manifest, *extra) -> TrainedCase:
         "SM_MODEL_DIR": str(ml / "model"),
         "SM_OUTPUT_DATA_DIR": str(ml / "output/data"),
         "SM_OUTPUT_DIR": str(ml / "output"),
+        "SM_CHECKPOINT_DIR": str(root / "checkpoints"),
         **{f"SM_CHANNEL_{name.upper()}": str(path) for name, path in channels.items()},
     }
+    command = [*launcher, str(TRAINING / "train.py"), "--hidden_units", "32,16", "--batch_size", "64", *extra]
+    if not launcher:
+        command.insert(0, sys.executable)
+    return command, env
+
+
+def run_training(root: Path, rows, manifest, *extra) -> TrainedCase:
     # Hyperparameters as SageMaker passes them: underscores, strings, and its own sagemaker_* ones too.
-    command = [
-        sys.executable,
-        str(TRAINING / "train.py"),
+    command, env = training_command(
+        root,
+        rows,
+        manifest,
         "--epochs",
         "25",
-        "--batch_size",
-        "64",
-        "--hidden_units",
-        "32,16",
         "--sagemaker_program",
         "train.py",
         "--sagemaker_submit_directory",
         "s3://artifacts/code/training/sourcedir.tar.gz",
         *extra,
-    ]
+    )
     completed = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=120)
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    channels = {
+        name: Path(env[f"SM_CHANNEL_{name.upper()}"]) for name in ("train", "validation", "test", "manifest")
+    }
     return TrainedCase(root, channels, manifest, completed)
 
 
@@ -782,24 +791,6 @@ def test_published_training_code_carries_the_commit_it_came_from():
 
 
 # --- scale: checkpoints and several processes ------------------------------------------------------------
-
-
-def training_command(root: Path, rows, manifest, *extra, launcher=()):
-    """The command and environment of a training job on `rows`, checkpointing to <root>/checkpoints."""
-    channels = write_channels(root / "input", rows, manifest)
-    ml = root / "opt/ml"
-    env = {
-        **os.environ,
-        "SM_MODEL_DIR": str(ml / "model"),
-        "SM_OUTPUT_DATA_DIR": str(ml / "output/data"),
-        "SM_OUTPUT_DIR": str(ml / "output"),
-        "SM_CHECKPOINT_DIR": str(root / "checkpoints"),
-        **{f"SM_CHANNEL_{name.upper()}": str(path) for name, path in channels.items()},
-    }
-    command = [*launcher, str(TRAINING / "train.py"), "--hidden_units", "32,16", "--batch_size", "64", *extra]
-    if not launcher:
-        command.insert(0, sys.executable)
-    return command, env
 
 
 def tier_case():
