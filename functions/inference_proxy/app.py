@@ -35,6 +35,9 @@ class ApiError(ServiceError):
         self.code = code
 
 
+# Routes that answer a client error by raising ApiError are not wrapped in tracer.capture_method: it logs
+# every exception with its message (which can quote the request) and adds it to the trace. The handler's
+# segment and the patched boto3 calls still trace them.
 @app.exception_handler(ApiError)
 def _api_error(error: ApiError) -> Response:
     return _json(error.status_code, {"error": {"code": error.code, "message": error.msg}})
@@ -105,7 +108,6 @@ def _model_summary(name: str, description: dict[str, Any]) -> dict[str, Any]:
 
 
 @app.post("/models/<name>/predict")
-@tracer.capture_method
 def predict(name: str) -> Response:
     settings = Settings.from_env()
     endpoint = _endpoint_for(name, settings)
@@ -137,7 +139,8 @@ def _invoke_error(error: ClientError, endpoint: str, name: str) -> ApiError:
             message = (str(message).strip().splitlines() or [""])[0]
         if 400 <= int(original) < 500:
             return ApiError(400, "InvalidInput", str(message))
-        logger.error("model failed", extra={"endpoint": endpoint, "message": message})
+        # Not the model's message: it may quote the request, and no payload goes to these logs.
+        logger.error("model failed", extra={"endpoint": endpoint, "model_status": int(original)})
         return ApiError(502, "ModelFailed", "the model failed to answer; see the endpoint's logs")
     if code in ("ThrottlingException", "TooManyRequestsException"):
         return ApiError(429, "Throttled", "too many requests; retry with backoff")
@@ -166,7 +169,6 @@ def list_models() -> Response:
 
 
 @app.get("/models/<name>")
-@tracer.capture_method
 def describe_model(name: str) -> Response:
     endpoint = _endpoint_for(name, Settings.from_env())
     return _json(200, _model_summary(name, _describe(endpoint, name)))

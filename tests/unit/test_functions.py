@@ -240,3 +240,33 @@ def test_the_dataset_folder_name_and_its_slug_name_the_same_model(runtime):
     assert request("/models/my-churn-v2/predict", {"instances": [{"a": 1}]})[0] == 200
     runtime["sagemaker-runtime"].assert_no_pending_responses()
     assert request("/models/__/predict", {"instances": [{"a": 1}]})[0] == 404
+
+
+def test_no_request_or_model_payload_reaches_the_logs(runtime, caplog):
+    """Requests carry customers' data: whatever the outcome, it never appears in the proxy's logs."""
+    secret = "PAYLOAD-4711-do-not-log"
+    instances = {"instances": [{"name": secret}]}
+    runtime["sagemaker-runtime"].add_response(
+        "invoke_endpoint",
+        {
+            "Body": body_of({"predictions": [{"label": secret}], "model_version": "v1"}),
+            "ContentType": "application/json",
+        },
+    )
+    for status, message in (
+        (400, f"instance 0: column 'name' must be a number, got {secret!r}"),
+        (500, f"cannot parse {secret}"),
+    ):
+        runtime["sagemaker-runtime"].add_client_error(
+            "invoke_endpoint",
+            service_error_code="ModelError",
+            service_message="Received client error",
+            http_status_code=424,
+            modeled_fields={"OriginalStatusCode": status, "OriginalMessage": message},
+        )
+    assert [request("/models/churn/predict", instances)[0] for _ in range(3)] == [200, 400, 502]
+    request("/models/churn/predict", f'{{"instances": [{{"name": "{secret}"')  # malformed JSON: 400
+    # Every record with its structured keys, as the JSON formatter would write them.
+    logged = caplog.text + "".join(str(record.__dict__) for record in caplog.records)
+    assert "model failed" in logged
+    assert secret not in logged
