@@ -18,3 +18,17 @@ def event_fixture():
         return json.loads((ROOT / "tests" / "events" / name).read_text())
 
     return load
+
+
+class LambdaContext:
+    """What the Powertools decorators read from Lambda's context object."""
+
+    function_name = "conveyor-test"
+    memory_limit_in_mb = 256
+    invoked_function_arn = "arn:aws:lambda:us-east-1:123456789012:function:conveyor-test"
+    aws_request_id = "req"
+
+
+@pytest.fixture
+def lambda_context():
+    return LambdaContext()

@@ -26,6 +26,8 @@ class Settings:
     max_request_bytes: int = 5_242_880
     # Uploads above this size are preprocessed by a SageMaker Processing job instead of in Lambda.
     lambda_preprocess_max_bytes: int = 1_073_741_824
+    # Endpoints nobody called for this many days are deleted (0: never).
+    idle_endpoint_days: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
