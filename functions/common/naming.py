@@ -18,6 +18,8 @@ SLUG_MAX = 40
 # is the model's own `model_version` (its data version) instead.
 VARIANT = "AllTraffic"
 TRAINING_CODE_KEY = "code/training/sourcedir.tar.gz"
+# Where a training job finds that tarball: its "code" input channel, which copies s3://<artifacts>/code/training/.
+SUBMIT_DIRECTORY = "/opt/ml/input/data/code/sourcedir.tar.gz"
 # Where SageMaker Processing jobs find the preprocessing code (functions/common and functions/preprocess,
 # one object per file, so a ProcessingInput copies the packages as a directory tree).
 PREPROCESSING_CODE_PREFIX = "code/preprocessing/"

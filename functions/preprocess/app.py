@@ -33,7 +33,7 @@ from common.errors import DatasetRejected
 from common.events import ObjectRef, objects_in_message
 from common.naming import (
     PREPROCESSING_CODE_PREFIX,
-    TRAINING_CODE_KEY,
+    SUBMIT_DIRECTORY,
     ResourceNames,
     data_version,
     execution_name,
@@ -279,7 +279,9 @@ def _execution_input(manifest: dict[str, Any], spec: DatasetSpec, settings: Sett
     hyperparameters = {str(k): str(v) for k, v in spec.hyperparameters.items()}
     hyperparameters.update(
         sagemaker_program="train.py",
-        sagemaker_submit_directory=f"s3://{artifacts}/{TRAINING_CODE_KEY}",
+        # The code arrives as the job's "code" channel (s3://<artifacts>/code/training/): a network-isolated
+        # container cannot download it itself, as the SageMaker SDK does for such jobs.
+        sagemaker_submit_directory=SUBMIT_DIRECTORY,
     )
     default_metric = "accuracy" if manifest["task"] == "classification" else "r2"
     return {

@@ -182,7 +182,14 @@ class TrainingAdapter(JobRunner):
         if not submit:
             raise ValueError("no sagemaker_submit_directory hyperparameter: nothing to run")
         archive = root / "sourcedir.tar.gz"
-        s3.download_file(*split_s3(submit), str(archive))
+        if submit.startswith("/opt/ml/"):
+            # A path in the container, as for a network-isolated job: the "code" channel brought it.
+            local = ml / submit[len("/opt/ml/") :]
+            if not local.is_file():
+                raise ValueError(f"sagemaker_submit_directory {submit} is not in any input channel")
+            shutil.copyfile(local, archive)
+        else:
+            s3.download_file(*split_s3(submit), str(archive))
         with tarfile.open(archive) as tar:
             tar.extractall(code, filter="data")
 
