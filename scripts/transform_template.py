@@ -19,14 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import boto3
-import yaml
 from samtranslator.parser.parser import Parser
 from samtranslator.translator.translator import Translator
 
 ROOT = Path(__file__).resolve().parents[1]
-# The same fake identity as local mode (src/conveyor/local/template.py): nothing here talks to AWS.
-REGION = "us-east-1"
-ACCOUNT_ID = "123456789012"
+# conveyor.local.template needs only PyYAML, which this virtualenv (aws-sam-cli's) has too; it gives the
+# template reader and the fake identity local mode uses: nothing here talks to AWS.
+sys.path.insert(0, str(ROOT / "src"))
+from conveyor.local.template import ACCOUNT_ID, REGION, load_template  # noqa: E402
+
 # What `sam validate` puts in place of a local CodeUri: the translator accepts only S3 locations.
 PLACEHOLDER_CODE = "s3://conveyor-offline-transform/code.zip"
 # The translator asks for AWS's list of managed policies (an IAM call) only when a template names a managed
@@ -35,32 +36,9 @@ PLACEHOLDER_CODE = "s3://conveyor-offline-transform/code.zip"
 MANAGED_POLICY_MAP: dict[str, str] = {}
 
 
-class _CfnLoader(yaml.SafeLoader):
-    """YAML loader that turns CloudFormation short forms (!Ref, !Sub, !GetAtt ...) into long forms."""
-
-
-def _construct_tag(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
-    if isinstance(node, yaml.ScalarNode):
-        value: Any = loader.construct_scalar(node)
-    elif isinstance(node, yaml.SequenceNode):
-        value = loader.construct_sequence(node, deep=True)
-    else:
-        value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
-    if suffix in ("Ref", "Condition"):
-        return {suffix: value}
-    if suffix == "GetAtt" and isinstance(value, str):
-        value = value.split(".", 1)
-    return {f"Fn::{suffix}": value}
-
-
-_CfnLoader.add_multi_constructor("!", _construct_tag)
-
-
 def load_sam_template(path: Path) -> dict[str, Any]:
-    """Read a SAM template written in YAML, short-form intrinsics included."""
-    with path.open() as handle:
-        document: dict[str, Any] = yaml.load(handle, Loader=_CfnLoader)
-    return document
+    """Read a SAM template written in YAML, short-form intrinsics included (local mode's reader)."""
+    return load_template(path)
 
 
 def _offline_ready(sam_template: dict[str, Any], base_dir: Path) -> dict[str, Any]:

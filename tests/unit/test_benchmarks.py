@@ -13,6 +13,26 @@ ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip(
     "pandas", reason='the benchmark baseline needs the bench extra: pip install -e ".[bench]"'
 )
+NEEDS = {
+    "sklearn": 'the quality baseline needs scikit-learn, in the bench extra: pip install -e ".[bench]"',
+    "flask": 'the model-server baseline needs Flask, in the bench extra: pip install -e ".[bench]"',
+    "torch": 'the benchmark trains with torch, in the train extra: pip install -e ".[train]"',
+}
+
+
+def run_quick(script: str, output: Path, *needs: str, timeout: int = 170) -> dict:
+    """Run benchmarks/<script>.py --quick into `output` (skipping without its baselines); its JSON report."""
+    for module in needs:
+        if importlib.util.find_spec(module) is None:
+            pytest.skip(NEEDS[module])
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--quick", "--output-dir", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads((output / f"{script}.json").read_text())
 
 
 @pytest.mark.timeout(30)
@@ -66,20 +86,8 @@ def test_quick_run_writes_figures_with_their_goals(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_quick_quality_run_compares_conveyor_with_the_linear_baseline(tmp_path):
-    if importlib.util.find_spec("sklearn") is None:
-        pytest.skip('the quality baseline needs scikit-learn, in the bench extra: pip install -e ".[bench]"')
-    if importlib.util.find_spec("torch") is None:
-        pytest.skip('the quality benchmark trains with torch, in the train extra: pip install -e ".[train]"')
     output = tmp_path / "results"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--quick", "--output-dir", str(output)],
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-
-    report = json.loads((output / "quality.json").read_text())
+    report = run_quick("quality", output, "sklearn", "torch")
     assert {"cpu_model", "cores", "python", "torch", "scikit-learn"} <= report["machine"].keys()
     assert report["code"]["core_py_sha256"] and report["code"]["training_sha256"]
     (result,) = report["results"]
@@ -108,20 +116,8 @@ def test_quick_quality_run_compares_conveyor_with_the_linear_baseline(tmp_path):
 
 @pytest.mark.timeout(180)
 def test_quick_training_benchmark_measures_each_figure_against_its_baseline(tmp_path):
-    if importlib.util.find_spec("flask") is None:
-        pytest.skip('the model-server baseline needs Flask, in the bench extra: pip install -e ".[bench]"')
-    if importlib.util.find_spec("torch") is None:
-        pytest.skip('the training benchmark needs torch, in the train extra: pip install -e ".[train]"')
     output = tmp_path / "results"
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "train.py"), "--quick", "--output-dir", str(output)],
-        capture_output=True,
-        text=True,
-        timeout=170,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-
-    report = json.loads((output / "train.json").read_text())
+    report = run_quick("train", output, "flask", "torch")
     assert {"cpu_model", "cores", "python", "torch", "flask"} <= report["machine"].keys()
     assert report["code"]["digest"] and "training/train.py" in report["code"]["files_sha256"]
     # A real model was trained and served: it answers better than chance, not merely at all.
