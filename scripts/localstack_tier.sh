@@ -6,12 +6,12 @@
 #   scripts/localstack_tier.sh [pytest args...]
 #
 # Environment: LOCALSTACK_VENV (.tools/localstack), PYTEST (.venv/bin/python -m pytest),
-# LOCALSTACK_START_TIMEOUT (seconds, 90), LOCALSTACK_SERVICES (s3,sqs,sns,events,stepfunctions,iam,sts,lambda).
+# LOCALSTACK_START_TIMEOUT (seconds, 90), LOCALSTACK_SERVICES (s3,sqs,sns,events,stepfunctions,iam,sts,kms,lambda).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 venv=${LOCALSTACK_VENV:-.tools/localstack}
-services=${LOCALSTACK_SERVICES:-s3,sqs,sns,events,stepfunctions,iam,sts,lambda}
+services=${LOCALSTACK_SERVICES:-s3,sqs,sns,events,stepfunctions,iam,sts,kms,lambda}
 timeout=${LOCALSTACK_START_TIMEOUT:-90}
 read -r -a pytest_cmd <<<"${PYTEST:-.venv/bin/python -m pytest}"
 

@@ -21,6 +21,7 @@ NOT_CREATED = {
     "AWS::S3::BucketPolicy": "moto enforces aws:SecureTransport and local clients speak HTTP (docs/local-mode.md)",
     "AWS::Serverless::HttpApi": "the local HTTPS gateway (conveyor/local/gateway.py) serves its routes",
     "AWS::SQS::QueuePolicy": "moto's S3 notifies the queue without it (tests/unit/test_iam_policy.py checks it)",
+    "AWS::IAM::ManagedPolicy": "local mode evaluates no IAM (tests/unit/test_iam_policy.py checks the policies)",
 }
 
 
@@ -28,7 +29,10 @@ def test_every_template_resource_exists_locally(cloud):
     stack, outputs = cloud.stack, cloud.outputs
     s3, sqs, sns = aws(outputs, "s3"), aws(outputs, "sqs"), aws(outputs, "sns")
     lam, sfn, iam, cloudwatch = (aws(outputs, s) for s in ("lambda", "stepfunctions", "iam", "cloudwatch"))
+    kms = aws(outputs, "kms")
     present = {
+        "AWS::KMS::Key": {k["KeyId"] for k in kms.list_keys()["Keys"]},
+        "AWS::KMS::Alias": {a["AliasName"] for a in kms.list_aliases()["Aliases"]},
         "AWS::S3::Bucket": {b["Name"] for b in s3.list_buckets()["Buckets"]},
         "AWS::SQS::Queue": set(sqs.list_queues().get("QueueUrls", [])),
         "AWS::SNS::Topic": {t["TopicArn"] for t in sns.list_topics()["Topics"]},

@@ -502,3 +502,59 @@ def test_the_stack_has_its_alarms_and_dashboard(cloud):
     titles = [w["properties"]["title"] for w in body["widgets"]]
     assert "Pipeline executions" in titles and any(t.startswith("Endpoints") for t in titles)
     assert dashboard["DashboardName"] in cloud.outputs["DashboardUrl"]
+
+
+def test_the_stack_key_encrypts_the_data_and_what_sagemaker_writes(cloud):
+    # EncryptionMode SSE-KMS, the default. Runs after the first test of this module deployed sea-creatures.
+    outputs = cloud.outputs
+    s3, sqs, sns, sagemaker, kms = (aws(outputs, s) for s in ("s3", "sqs", "sns", "sagemaker", "kms"))
+    key_arn = kms.describe_key(KeyId="alias/conveyor")["KeyMetadata"]["Arn"]
+    assert kms.get_key_rotation_status(KeyId=key_arn)["KeyRotationEnabled"] is True
+    for bucket in ("RawBucketName", "ProcessedBucketName", "ArtifactsBucketName"):
+        (rule,) = s3.get_bucket_encryption(Bucket=outputs[bucket])["ServerSideEncryptionConfiguration"][
+            "Rules"
+        ]
+        assert rule["ApplyServerSideEncryptionByDefault"] == {
+            "SSEAlgorithm": "aws:kms",
+            "KMSMasterKeyID": key_arn,
+        }
+        assert rule["BucketKeyEnabled"] is True
+    for url in sqs.list_queues()["QueueUrls"]:
+        assert (
+            sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]["KmsMasterKeyId"]
+            == key_arn
+        )
+    topic = sns.get_topic_attributes(TopicArn=outputs["NotificationTopicArn"])["Attributes"]
+    assert topic["KmsMasterKeyId"] == key_arn
+
+    # What SageMaker was asked to encrypt (local mode trains on ml.m5.xlarge: EBS, so a volume key too) ...
+    endpoint = sagemaker.describe_endpoint(EndpointName="conveyor-sea-creatures")
+    version = endpoint["EndpointConfigName"].removeprefix("sea-creatures-")
+    job = sagemaker.describe_training_job(TrainingJobName=f"sea-creatures-{version}")
+    assert job["OutputDataConfig"]["KmsKeyId"] == key_arn
+    assert job["ResourceConfig"]["VolumeKmsKeyId"] == key_arn
+    config = sagemaker.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+    assert config["KmsKeyId"] == key_arn
+    # ... and what it wrote with that key.
+    bucket, key = job["ModelArtifacts"]["S3ModelArtifacts"].removeprefix("s3://").split("/", 1)
+    head = s3.head_object(Bucket=bucket, Key=key)
+    assert (head["ServerSideEncryption"], head["SSEKMSKeyId"]) == ("aws:kms", key_arn)
+
+
+def test_a_volume_key_on_an_instance_with_local_storage_is_refused_as_sagemaker_does(cloud):
+    sagemaker = aws(cloud.outputs, "sagemaker")
+    key_arn = aws(cloud.outputs, "kms").describe_key(KeyId="alias/conveyor")["KeyMetadata"]["Arn"]
+    with pytest.raises(sagemaker.exceptions.ClientError, match="hardware module"):
+        sagemaker.create_training_job(
+            TrainingJobName="nvme-with-a-volume-key",
+            AlgorithmSpecification={"TrainingImage": "unused", "TrainingInputMode": "File"},
+            RoleArn="arn:aws:iam::123456789012:role/conveyor-SageMakerExecutionRole",
+            OutputDataConfig={"S3OutputPath": f"s3://{cloud.outputs['ArtifactsBucketName']}/unused/"},
+            ResourceConfig={
+                "InstanceType": "ml.g5.xlarge",
+                "InstanceCount": 1,
+                "VolumeSizeInGB": 30,
+                "VolumeKmsKeyId": key_arn,
+            },
+            StoppingCondition={"MaxRuntimeInSeconds": 60},
+        )

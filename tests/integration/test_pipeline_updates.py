@@ -24,6 +24,8 @@ CLOUD_PARAMETERS = {
     "DeploymentWaitSeconds": "6",
     "TerminationWaitSeconds": "2",
     "AutoScalingMaxInstances": "4",
+    # The other encryption mode (test_pipeline.py runs the default, SSE-KMS): see the last test.
+    "EncryptionMode": "SSE-S3",
 }
 
 
@@ -252,3 +254,36 @@ def test_a_small_model_can_be_served_serverless(cloud):
     assert "RegisterScalableTarget" not in entered
     answer = signed_post(outputs, "/models/tiny/predict", {"instances": INSTANCES})
     assert answer.status_code == 200 and answer.json()["model_version"] == summary["version"]
+
+
+def test_sse_s3_mode_sends_sagemaker_no_key_and_stores_with_s3_managed_keys(cloud):
+    # This module's stack runs with EncryptionMode SSE-S3 (CLOUD_PARAMETERS), after the tests above trained
+    # and deployed: no stack key exists, and no SageMaker request names one (an empty KmsKeyId is not "none").
+    outputs = cloud.outputs
+    s3, sqs, sns, sagemaker, kms = (aws(outputs, s) for s in ("s3", "sqs", "sns", "sagemaker", "kms"))
+    assert kms.list_aliases()["Aliases"] == [] or all(
+        a["AliasName"] != "alias/conveyor" for a in kms.list_aliases()["Aliases"]
+    )
+    for bucket in ("RawBucketName", "ProcessedBucketName", "ArtifactsBucketName"):
+        (rule,) = s3.get_bucket_encryption(Bucket=outputs[bucket])["ServerSideEncryptionConfiguration"][
+            "Rules"
+        ]
+        assert rule["ApplyServerSideEncryptionByDefault"] == {"SSEAlgorithm": "AES256"}
+    for url in sqs.list_queues()["QueueUrls"]:
+        attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
+        assert "KmsMasterKeyId" not in attributes and attributes["SqsManagedSseEnabled"] == "true"
+    assert (
+        "KmsMasterKeyId"
+        not in sns.get_topic_attributes(TopicArn=outputs["NotificationTopicArn"])["Attributes"]
+    )
+    jobs = sagemaker.list_training_jobs()["TrainingJobSummaries"]
+    assert jobs
+    for summary in jobs:
+        job = sagemaker.describe_training_job(TrainingJobName=summary["TrainingJobName"])
+        assert "KmsKeyId" not in job["OutputDataConfig"] and "VolumeKmsKeyId" not in job["ResourceConfig"]
+    configs = sagemaker.list_endpoint_configs()["EndpointConfigs"]
+    assert configs
+    for summary in configs:
+        assert "KmsKeyId" not in sagemaker.describe_endpoint_config(
+            EndpointConfigName=summary["EndpointConfigName"]
+        )

@@ -1,9 +1,9 @@
 """Deploy the parts of conveyor's stack that LocalStack offers here, read from template.yaml (never restated).
 
-What LocalStack (community, no Docker) runs on this machine: S3, SQS, SNS, IAM, EventBridge and Step Functions.
-So the buckets (versioning, encryption, public access block, the RawBucket → IngestQueue notification), the
-queues (the ingest queue's redrive to its DLQ, its queue policy), the notification topic, the template's IAM
-roles with their inline policies, and the state machine with its DefinitionSubstitutions resolved by
+What LocalStack (community, no Docker) runs on this machine: S3, SQS, SNS, IAM, KMS, EventBridge and Step
+Functions. So the stack key (EncryptionMode SSE-KMS), the buckets (versioning, encryption, public access
+block, the RawBucket → IngestQueue notification), the queues (the ingest queue's redrive to its DLQ, its queue
+policy), the notification topic, the template's IAM roles with their inline policies, and the state machine with its DefinitionSubstitutions resolved by
 `conveyor.local.template.Stack`, as local mode and CloudFormation resolve them. Functions, the HTTP API and
 SAM's generated roles are not deployed: docs/localstack.md says why.
 """
@@ -26,29 +26,24 @@ class Deployed:
     topics: dict[str, str] = field(default_factory=dict)  # ARN
     roles: dict[str, str] = field(default_factory=dict)  # ARN
     state_machines: dict[str, str] = field(default_factory=dict)  # ARN
+    keys: dict[str, str] = field(default_factory=dict)  # ARN
 
 
 def deploy(stack: Stack, session: Any) -> Deployed:
     """Create the stack's S3, SQS, SNS, IAM and Step Functions resources through `session`'s clients."""
     s3, sqs, sns, iam, sfn = (session.client(s) for s in ("s3", "sqs", "sns", "iam", "stepfunctions"))
     deployed = Deployed()
+    # The stack key (EncryptionMode SSE-KMS, the default) first: buckets, queues and the topic name it.
+    stack.create_keys(session.client("kms"))
+    deployed.keys = {key.logical_id: key.attributes["Arn"] for key in stack.of_type("AWS::KMS::Key")}
     for bucket in stack.of_type("AWS::S3::Bucket"):
         name, props = bucket.attributes["Ref"], bucket.properties
         s3.create_bucket(Bucket=name)
         if props.get("VersioningConfiguration", {}).get("Status") == "Enabled":
             s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
-        if "BucketEncryption" in props:
-            rules = props["BucketEncryption"]["ServerSideEncryptionConfiguration"]
-            s3.put_bucket_encryption(
-                Bucket=name,
-                # CloudFormation spells the API's Rules[].ApplyServerSideEncryptionByDefault differently.
-                ServerSideEncryptionConfiguration={
-                    "Rules": [
-                        {"ApplyServerSideEncryptionByDefault": r["ServerSideEncryptionByDefault"]}
-                        for r in rules
-                    ]
-                },
-            )
+        encryption = stack.bucket_encryption(bucket)
+        if encryption:
+            s3.put_bucket_encryption(Bucket=name, ServerSideEncryptionConfiguration=encryption)
         if "PublicAccessBlockConfiguration" in props:
             s3.put_public_access_block(
                 Bucket=name, PublicAccessBlockConfiguration=props["PublicAccessBlockConfiguration"]
@@ -57,14 +52,7 @@ def deploy(stack: Stack, session: Any) -> Deployed:
 
     # Dead-letter queues first: a redrive policy names its target.
     for queue in sorted(stack.of_type("AWS::SQS::Queue"), key=lambda q: "RedrivePolicy" in q.properties):
-        props = queue.properties
-        attributes = {
-            key: str(props[key]).lower() if isinstance(props[key], bool) else str(props[key])
-            for key in ("VisibilityTimeout", "MessageRetentionPeriod", "SqsManagedSseEnabled")
-            if key in props
-        }
-        if "RedrivePolicy" in props:
-            attributes["RedrivePolicy"] = json.dumps(stack.resolve(props["RedrivePolicy"]))
+        attributes = stack.queue_attributes(queue)
         url = sqs.create_queue(QueueName=queue.attributes["QueueName"], Attributes=attributes)["QueueUrl"]
         queue.attributes["Ref"] = url  # the stack resolves !Ref <queue> to its URL from now on
         deployed.queues[queue.logical_id] = url
@@ -74,8 +62,9 @@ def deploy(stack: Stack, session: Any) -> Deployed:
             sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": document})
 
     for topic in stack.of_type("AWS::SNS::Topic"):
-        attributes = {k: str(stack.resolve(v)) for k, v in topic.properties.items() if k == "KmsMasterKeyId"}
-        arn = sns.create_topic(Name=topic.attributes["TopicName"], Attributes=attributes)["TopicArn"]
+        arn = sns.create_topic(Name=topic.attributes["TopicName"], Attributes=stack.topic_attributes(topic))[
+            "TopicArn"
+        ]
         deployed.topics[topic.logical_id] = arn
 
     for role in stack.of_type("AWS::IAM::Role"):

@@ -198,19 +198,21 @@ def test_buckets_are_versioned_encrypted_and_private(stack: Stack, session: Sess
         name, props = deployed.buckets[bucket.logical_id], bucket.properties
         if props.get("VersioningConfiguration", {}).get("Status") == "Enabled":
             assert s3.get_bucket_versioning(Bucket=name)["Status"] == "Enabled"
-        for rule, expected in zip(
-            s3.get_bucket_encryption(Bucket=name)["ServerSideEncryptionConfiguration"]["Rules"],
-            props["BucketEncryption"]["ServerSideEncryptionConfiguration"],
-            strict=True,
-        ):
-            assert rule["ApplyServerSideEncryptionByDefault"] == expected["ServerSideEncryptionByDefault"]
+        rules = s3.get_bucket_encryption(Bucket=name)["ServerSideEncryptionConfiguration"]["Rules"]
+        expected_rules = stack.bucket_encryption(bucket)["Rules"]
+        assert [r["ApplyServerSideEncryptionByDefault"] for r in rules] == [
+            r["ApplyServerSideEncryptionByDefault"] for r in expected_rules
+        ]
+        # EncryptionMode SSE-KMS, the default: the stack key LocalStack made.
+        assert rules[0]["ApplyServerSideEncryptionByDefault"]["KMSMasterKeyID"] == deployed.keys["StackKey"]
         block = s3.get_public_access_block(Bucket=name)["PublicAccessBlockConfiguration"]
         assert block == props["PublicAccessBlockConfiguration"]
     # An object under versioning gets a version id: what the pipeline's idempotency key is made of.
     raw = deployed.buckets["RawBucket"]
     put = s3.put_object(Bucket=raw, Key="notes/versioned.txt", Body=b"one")
     assert put.get("VersionId") not in (None, "null")
-    assert s3.head_object(Bucket=raw, Key="notes/versioned.txt")["ServerSideEncryption"] == "AES256"
+    head = s3.head_object(Bucket=raw, Key="notes/versioned.txt")
+    assert (head["ServerSideEncryption"], head["SSEKMSKeyId"]) == ("aws:kms", deployed.keys["StackKey"])
 
 
 def test_an_upload_under_datasets_reaches_the_ingest_queue_and_nothing_else_does(
@@ -282,7 +284,7 @@ def test_the_notification_topic_is_encrypted_and_delivers_to_a_subscriber(
     arn = deployed.topics[topic.logical_id]
     assert arn == stack.resolve({"Ref": topic.logical_id})
     attributes = sns.get_topic_attributes(TopicArn=arn)["Attributes"]
-    assert attributes.get("KmsMasterKeyId") == topic.properties["KmsMasterKeyId"]
+    assert attributes.get("KmsMasterKeyId") == deployed.keys["StackKey"]
     url, queue_arn = subscriber_queue(session, "tier-topic-subscriber")
     sns.subscribe(TopicArn=arn, Protocol="sqs", Endpoint=queue_arn)
     sns.publish(TopicArn=arn, Message=json.dumps({"outcome": "test"}))
@@ -385,10 +387,12 @@ def test_an_execution_runs_until_sagemaker_then_fails_notifies_and_announces(
         f"{first_task} failed with {failure.get('error')}: {failure.get('cause', '')[:200]}"
     )
 
+    # Each job's encryption Pass state picks the request parts with the stack key (ArrayGetItem in LocalStack).
     assert entered[: entered.index(first_task) + 1] == [
         "Configure",
         "Approved?",
         "PreprocessingJob?",
+        first_task.replace("Start", "") + "Encryption",
         first_task,
     ]
     # The Fail state a States.* error ends in differs (a Fail state may not raise States.*): FailedHow? decides.

@@ -46,11 +46,21 @@ def churn_csv(rows: int = 400, seed: int = 3) -> bytes:
     return out.getvalue().encode()
 
 
+def processing_request() -> dict[str, Any]:
+    """StartProcessingJob's parameters with the output and cluster configurations ProcessingJobEncryption
+    builds filled in (the variants without a key; which one is sent does not change a path)."""
+    params = dict(ASL["States"]["StartProcessingJob"]["Parameters"])
+    variants = ASL["States"]["ProcessingJobEncryption"]["Parameters"]
+    del params["ProcessingOutputConfig.$"]
+    params["ProcessingOutputConfig"] = variants["processing_output_configs"][0]
+    params["ProcessingResources"] = {"ClusterConfig": variants["processing_clusters"][0]}
+    return params
+
+
 def job_root(tmp_path: Path, key: str, data: bytes, spec: dict[str, Any] | None = None, size=None) -> Path:
     """An /opt/ml as SageMaker Processing lays it out for the job the pipeline starts."""
     opt_ml = tmp_path / "opt" / "ml"
-    start = next(s for s in ASL["States"].values() if s.get("Resource", "").endswith("createProcessingJob"))
-    request = json.loads(json.dumps(start["Parameters"]).replace("/opt/ml", str(opt_ml)))
+    request = json.loads(json.dumps(processing_request()).replace("/opt/ml", str(opt_ml)))
     config = opt_ml / "config"
     config.mkdir(parents=True)
     (config / "processingjobconfig.json").write_text(json.dumps(request))
@@ -250,13 +260,14 @@ def test_the_pipeline_runs_the_processing_job_only_when_the_input_asks_for_it():
     assert choice["Type"] == "Choice"
     absent, processing = choice["Choices"]
     # A Lambda-preprocessed input has no preprocessing block: checked first, so no path is missing.
-    assert absent == {"Variable": "$.preprocessing.mode", "IsPresent": False, "Next": "StartTrainingJob"}
-    assert processing["StringEquals"] == "processing" and processing["Next"] == "StartProcessingJob"
-    assert choice["Default"] == "StartTrainingJob"
+    assert absent == {"Variable": "$.preprocessing.mode", "IsPresent": False, "Next": "TrainingJobEncryption"}
+    assert processing["StringEquals"] == "processing" and processing["Next"] == "ProcessingJobEncryption"
+    assert choice["Default"] == "TrainingJobEncryption"
+    assert states()["ProcessingJobEncryption"]["Next"] == "StartProcessingJob"
 
 
 def test_the_processing_job_reads_the_upload_sharded_and_writes_the_contract_layout():
-    params = states()["StartProcessingJob"]["Parameters"]
+    params = processing_request()
     assert (
         states()["StartProcessingJob"]["Resource"] == "arn:aws:states:::aws-sdk:sagemaker:createProcessingJob"
     )
@@ -282,7 +293,8 @@ def test_processing_polls_like_training_and_every_outcome_has_a_way_out():
     assert set(routes) == {"Completed", "Failed", "Stopped"}
     outcome = states()[states()[routes["Completed"]]["Next"]]
     by_outcome = {c["StringEquals"]: c["Next"] for c in outcome["Choices"]}
-    assert by_outcome["processed"] == "StartTrainingJob"
+    assert by_outcome["processed"] == "TrainingJobEncryption"
+    assert states()["TrainingJobEncryption"]["Next"] == "StartTrainingJob"
     # A quarantined upload: a notification, and nothing trains.
     path, name = [], by_outcome["quarantined"]
     while "Next" in states()[name]:

@@ -119,3 +119,131 @@ def test_security_and_cost_parameters_default_to_on():
     assert defaults["EnableNetworkIsolation"] == "true"
     assert defaults["EnableInterContainerTrafficEncryption"] == "true"
     assert defaults["TrainingUseSpot"] == "true"
+
+
+# ---------------------------------------------------------------- EncryptionMode
+KEY_ARN = "arn:aws:kms:us-east-1:123456789012:key/0f1e2d3c-test"
+
+
+def encrypted_requests(**parameters: str) -> dict[str, Any]:
+    """What each SageMaker request carries under the stack's EncryptionMode: the variant of each two-way
+    choice that Configure's indexes name (the key's ARN stands in for the one KMS would assign)."""
+    stack = Stack(ROOT, parameters=parameters)
+    if "StackKey" in stack.resources:
+        stack.resources["StackKey"].attributes["Arn"] = KEY_ARN
+    document = json.loads(stack.state_machine_definition("Pipeline"))
+    states, choice = document["States"], configure(document)["encryption"]
+    training, processing = states["TrainingJobEncryption"], states["ProcessingJobEncryption"]
+    assert states["StartTrainingJob"]["Parameters"]["OutputDataConfig.$"] == (
+        "States.ArrayGetItem($.encryption.output_data_configs, $.config.encryption.output_key_index)"
+    )
+    assert states["StartTrainingJob"]["Parameters"]["ResourceConfig.$"] == (
+        "States.ArrayGetItem($.config.encryption.training_resources, "
+        "$.config.encryption.training_volume_key_index)"
+    )
+    assert states["StartProcessingJob"]["Parameters"]["ProcessingOutputConfig.$"] == (
+        "States.ArrayGetItem($.encryption.processing_output_configs, $.config.encryption.output_key_index)"
+    )
+    assert states["StartProcessingJob"]["Parameters"]["ProcessingResources"] == {
+        "ClusterConfig.$": "States.ArrayGetItem($.encryption.processing_clusters, "
+        "$.config.encryption.processing_volume_key_index)"
+    }
+    endpoint_choice = states["ServerlessOrInstances?"]["Choices"][-1]
+    assert endpoint_choice == {
+        "Variable": "$.config.encryption.inference_volume_key",
+        "BooleanEquals": True,
+        "Next": "CreateEncryptedEndpointConfig",
+    }
+    endpoint = states[
+        "CreateEncryptedEndpointConfig" if choice["inference_volume_key"] else "CreateEndpointConfig"
+    ]
+    return {
+        "training output": training["Parameters"]["output_data_configs"][choice["output_key_index"]],
+        "training resources": choice["training_resources"][choice["training_volume_key_index"]],
+        "processing output": processing["Parameters"]["processing_output_configs"][
+            choice["output_key_index"]
+        ],
+        "processing cluster": processing["Parameters"]["processing_clusters"][
+            choice["processing_volume_key_index"]
+        ],
+        "endpoint config": endpoint["Parameters"],
+    }
+
+
+def keys_in(requests: dict[str, Any]) -> dict[str, str]:
+    return {
+        f"{request}.{field}": value
+        for request, parameters in requests.items()
+        for field, value in parameters.items()
+        if "Kms" in field
+    }
+
+
+def test_sse_kms_puts_the_stack_key_on_outputs_and_on_volumes_without_local_storage():
+    # The defaults: training on ml.g5 (local NVMe, hardware-encrypted: SageMaker refuses a volume key),
+    # processing on ml.m5.xlarge and endpoints on ml.m5.large (EBS volumes: the stack key).
+    assert keys_in(encrypted_requests()) == {
+        "training output.KmsKeyId": KEY_ARN,
+        "processing output.KmsKeyId": KEY_ARN,
+        "processing cluster.VolumeKmsKeyId": KEY_ARN,
+        "endpoint config.KmsKeyId": KEY_ARN,
+    }
+
+
+def test_a_training_instance_with_ebs_storage_gets_the_volume_key_and_nvme_ones_do_not():
+    requests = encrypted_requests(
+        TrainingInstanceType="ml.m5.xlarge",
+        ProcessingInstanceType="ml.c5d.xlarge",
+        InferenceInstanceType="ml.g5.xlarge",
+    )
+    assert keys_in(requests) == {
+        "training output.KmsKeyId": KEY_ARN,
+        "training resources.VolumeKmsKeyId": KEY_ARN,
+        "processing output.KmsKeyId": KEY_ARN,
+    }
+    assert requests["training resources"]["InstanceType"] == "ml.m5.xlarge"
+
+
+def test_sse_s3_sends_no_key_field_at_all():
+    # SageMaker's KmsKeyId fields must be absent, not empty, when there is no key.
+    stack = Stack(ROOT, parameters={"EncryptionMode": "SSE-S3"})
+    assert {"StackKey", "StackKeyAlias", "StackKeyUse", "StackKeyGrants"}.isdisjoint(stack.resources)
+    assert keys_in(encrypted_requests(EncryptionMode="SSE-S3", TrainingInstanceType="ml.m5.xlarge")) == {}
+
+
+@pytest.mark.parametrize("mode, algorithm", [("SSE-KMS", "aws:kms"), ("SSE-S3", "AES256")])
+def test_buckets_queues_and_topic_follow_the_encryption_mode(mode, algorithm):
+    stack = Stack(ROOT, parameters={"EncryptionMode": mode})
+    if mode == "SSE-KMS":
+        stack.resources["StackKey"].attributes["Arn"] = KEY_ARN
+    for bucket in stack.of_type("AWS::S3::Bucket"):
+        (rule,) = stack.resolve(bucket.properties["BucketEncryption"])["ServerSideEncryptionConfiguration"]
+        assert rule["ServerSideEncryptionByDefault"]["SSEAlgorithm"] == algorithm, bucket.logical_id
+        assert rule["ServerSideEncryptionByDefault"].get("KMSMasterKeyID") == (
+            KEY_ARN if mode == "SSE-KMS" else None
+        )
+    for queue in stack.of_type("AWS::SQS::Queue"):
+        props = stack.resolve(queue.properties)
+        assert (props.get("KmsMasterKeyId"), props.get("SqsManagedSseEnabled")) == (
+            (KEY_ARN, None) if mode == "SSE-KMS" else (None, True)
+        ), queue.logical_id
+    (topic,) = stack.of_type("AWS::SNS::Topic")
+    assert stack.resolve(topic.properties).get("KmsMasterKeyId") == (KEY_ARN if mode == "SSE-KMS" else None)
+
+
+def test_the_template_and_local_mode_know_the_same_local_storage_families():
+    # One list in Python (local mode refuses a volume key on these, as SageMaker does), three in the
+    # template's conditions; they must agree.
+    from conveyor.local.jobs import LOCAL_STORAGE_FAMILIES
+
+    conditions = Stack(ROOT).template["Conditions"]
+    for role in ("Training", "Processing", "Inference"):
+        equals = [
+            item["Fn::Equals"]
+            for group in conditions[f"{role}HasLocalStorage"]["Fn::Or"]
+            for item in group["Fn::Or"]
+        ]
+        assert all(
+            e[1] == {"Fn::Select": [1, {"Fn::Split": [".", {"Ref": f"{role}InstanceType"}]}]} for e in equals
+        )
+        assert {e[0] for e in equals} == LOCAL_STORAGE_FAMILIES, role

@@ -268,39 +268,25 @@ class LocalCloud:
     def _create_resources(self) -> None:
         stack = self.stack
         s3, sqs, sns, iam = (self.client(s) for s in ("s3", "sqs", "sns", "iam"))
-        lam, sfn = self.client("lambda"), self.client("stepfunctions")
+        lam, sfn, kms = self.client("lambda"), self.client("stepfunctions"), self.client("kms")
+        # The stack key first (EncryptionMode SSE-KMS): buckets, queues and the topic name it.
+        stack.create_keys(kms)
         for bucket in stack.of_type("AWS::S3::Bucket"):
             name = bucket.attributes["Ref"]
             s3.create_bucket(Bucket=name)
             if bucket.properties.get("VersioningConfiguration", {}).get("Status") == "Enabled":
                 s3.put_bucket_versioning(Bucket=name, VersioningConfiguration={"Status": "Enabled"})
-            if "BucketEncryption" in bucket.properties:
-                s3.put_bucket_encryption(
-                    Bucket=name,
-                    # CloudFormation spells the API's Rules[].ApplyServerSideEncryptionByDefault differently.
-                    ServerSideEncryptionConfiguration={
-                        "Rules": [
-                            {"ApplyServerSideEncryptionByDefault": rule["ServerSideEncryptionByDefault"]}
-                            for rule in bucket.properties["BucketEncryption"][
-                                "ServerSideEncryptionConfiguration"
-                            ]
-                        ]
-                    },
-                )
+            encryption = stack.bucket_encryption(bucket)
+            if encryption:
+                s3.put_bucket_encryption(Bucket=name, ServerSideEncryptionConfiguration=encryption)
         # Dead-letter queues first: a redrive policy names its target.
         queues = sorted(stack.of_type("AWS::SQS::Queue"), key=lambda q: "RedrivePolicy" in q.properties)
         for queue in queues:
-            attributes = {}
-            props = queue.properties
-            for key in ("VisibilityTimeout", "MessageRetentionPeriod"):
-                if key in props:
-                    attributes[key] = str(props[key])
-            if "RedrivePolicy" in props:
-                attributes["RedrivePolicy"] = json.dumps(stack.resolve(props["RedrivePolicy"]))
+            attributes = stack.queue_attributes(queue)
             url = sqs.create_queue(QueueName=queue.attributes["QueueName"], Attributes=attributes)["QueueUrl"]
             queue.attributes["Ref"] = url
         for topic in stack.of_type("AWS::SNS::Topic"):
-            sns.create_topic(Name=topic.attributes["TopicName"])
+            sns.create_topic(Name=topic.attributes["TopicName"], Attributes=stack.topic_attributes(topic))
         trust = json.dumps({"Version": "2012-10-17", "Statement": []})
         for role in stack.of_type("AWS::IAM::Role"):
             iam.create_role(RoleName=role.attributes["Ref"], AssumeRolePolicyDocument=trust)

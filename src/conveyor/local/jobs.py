@@ -16,6 +16,34 @@ from typing import Any
 
 log = logging.getLogger("localcloud.jobs")
 
+# Instance families whose instances have local NVMe storage, which a hardware module encrypts: SageMaker
+# refuses a volume KMS key on them (CreateTrainingJob, CreateProcessingJob, CreateEndpointConfig). The
+# template's <Role>HasLocalStorage conditions list the same families (tests/unit/test_sagemaker_parameters.py).
+LOCAL_STORAGE_FAMILIES = frozenset(
+    {
+        *("g4dn", "g5", "g6", "g6e"),
+        *("p3dn", "p4d", "p4de", "p5", "p5e", "p5en"),
+        *("trn1", "trn1n", "trn2"),
+        *("c5d", "m5d", "r5d", "c6id", "m6id", "r6id"),
+    }
+)
+
+
+def volume_key_refusal(instance_type: str, volume_key: str | None) -> str | None:
+    """SageMaker's reason to refuse a request that puts `volume_key` on `instance_type`, or None."""
+    parts = instance_type.split(".")
+    if volume_key and len(parts) == 3 and parts[1] in LOCAL_STORAGE_FAMILIES:
+        return (
+            f"Instance type {instance_type} is not supported with a volume KMS key: its local storage is "
+            "encrypted by a hardware module; do not specify VolumeKmsKeyId"
+        )
+    return None
+
+
+def encryption_args(kms_key: str | None) -> dict[str, Any] | None:
+    """upload_file's ExtraArgs for an output SageMaker encrypts with `kms_key` (None: the bucket's default)."""
+    return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key} if kms_key else None
+
 
 class JobRunner:
     """Base of the job adapters. Subclasses name their `kind`, and implement `job_name`, `_run` (the job,

@@ -33,7 +33,7 @@ from moto.sagemaker import models as sagemaker_models
 from moto.sagemaker import responses as sagemaker_responses
 from moto.sagemaker.exceptions import ResourceInUseException, ValidationError
 
-from conveyor.local.jobs import JobRunner, terminate
+from conveyor.local.jobs import JobRunner, encryption_args, terminate, volume_key_refusal
 from conveyor.local.training import split_s3
 
 log = logging.getLogger("localcloud.processing")
@@ -59,14 +59,15 @@ def download_input(s3: Any, uri: str, destination: Path) -> int:
     return count
 
 
-def upload_output(s3: Any, source: Path, uri: str) -> int:
-    """Upload every file under `source` to the `S3Output` URI, keeping relative paths."""
+def upload_output(s3: Any, source: Path, uri: str, kms_key: str | None = None) -> int:
+    """Upload every file under `source` to the `S3Output` URI, keeping relative paths (encrypted with
+    `kms_key`, ProcessingOutputConfig's KmsKeyId, if given)."""
     bucket, prefix = split_s3(uri)
     count = 0
     for path in sorted(source.rglob("*")):
         if path.is_file():
             key = prefix.rstrip("/") + "/" + path.relative_to(source).as_posix() if prefix else path.name
-            s3.upload_file(str(path), bucket, key)
+            s3.upload_file(str(path), bucket, key, ExtraArgs=encryption_args(kms_key))
             count += 1
     return count
 
@@ -109,6 +110,10 @@ class ProcessingAdapter(JobRunner):
                     "Processing job names must be unique within an AWS account and region, "
                     f"and a processing job with this name already exists ({name})"
                 )
+            cluster = (response_self._get_param("ProcessingResources") or {}).get("ClusterConfig") or {}
+            refusal = volume_key_refusal(cluster.get("InstanceType", ""), cluster.get("VolumeKmsKeyId"))
+            if refusal:
+                raise ValidationError(message=refusal)
             result = create(response_self)
             job = jobs[name]
             job.environment = response_self._get_param("Environment") or {}
@@ -250,7 +255,8 @@ class ProcessingAdapter(JobRunner):
         elif returncode == 0:
             for item in outputs:
                 s3_output = item["S3Output"]
-                upload_output(s3, Path(local(s3_output["LocalPath"])), s3_output["S3Uri"])
+                output_key = request["ProcessingOutputConfig"].get("KmsKeyId")
+                upload_output(s3, Path(local(s3_output["LocalPath"])), s3_output["S3Uri"], output_key)
             log.info("processing job %s completed in %.1f s", name, elapsed)
             _finish(job, "Completed")
         else:

@@ -59,6 +59,13 @@ class Resource:
 _SUB = re.compile(r"\$\{([^}]+)\}")
 
 
+class _NoValue:
+    """`!Ref AWS::NoValue`: the property it stands for is left out, as CloudFormation does."""
+
+
+NO_VALUE = _NoValue()
+
+
 class Stack:
     """The template with local physical names for every resource and a resolver for intrinsics."""
 
@@ -89,6 +96,8 @@ class Stack:
         globals_ = self.template.get("Globals", {}).get("Function", {})
         self.resources: dict[str, Resource] = {}
         for logical_id, spec in self.template["Resources"].items():
+            if "Condition" in spec and not self.condition(spec["Condition"]):
+                continue  # CloudFormation does not create it with these parameters
             properties = copy.deepcopy(spec.get("Properties", {}))
             if spec["Type"] == "AWS::Serverless::Function":
                 properties = _merge_globals(globals_, properties)
@@ -119,6 +128,8 @@ class Stack:
             return {"Ref": arn, "Arn": arn, "Name": generated}
         if kind == "AWS::Serverless::HttpApi":
             return {"Ref": "local"}
+        if kind == "AWS::KMS::Key":
+            return {"Ref": "", "Arn": ""}  # KMS chooses the key id: known once created
         if kind == "AWS::CloudWatch::Dashboard" and "DashboardName" in props:
             return {"Ref": self.resolve(props["DashboardName"])}
         return {"Ref": generated}
@@ -128,9 +139,10 @@ class Stack:
 
     # ------------------------------------------------------------------ intrinsics
     def resolve(self, value: Any) -> Any:
-        """Resolve Ref, Fn::GetAtt, Fn::Sub and Fn::If (the intrinsics conveyor's template uses)."""
+        """Resolve Ref, Fn::GetAtt, Fn::Sub, Fn::If, Fn::Select and Fn::Split (the intrinsics conveyor's
+        template uses); a property whose value is `AWS::NoValue` is left out."""
         if isinstance(value, list):
-            return [self.resolve(v) for v in value]
+            return [v for v in (self.resolve(v) for v in value) if v is not NO_VALUE]
         if not isinstance(value, dict):
             return value
         if len(value) == 1:
@@ -144,11 +156,18 @@ class Stack:
             if key == "Fn::If":
                 condition, if_true, if_false = arg
                 return self.resolve(if_true if self.condition(condition) else if_false)
+            if key == "Fn::Select":
+                index, items = arg
+                return self.resolve(items)[int(self.resolve(index))]
+            if key == "Fn::Split":
+                delimiter, text = arg
+                return str(self.resolve(text)).split(delimiter)
             if key.startswith("Fn::"):
                 raise NotImplementedError(
                     f"local mode does not resolve {key}; keep the template to Ref/GetAtt/Sub/If"
                 )
-        return {k: self.resolve(v) for k, v in value.items()}
+        resolved = {k: self.resolve(v) for k, v in value.items()}
+        return {k: v for k, v in resolved.items() if v is not NO_VALUE}
 
     def condition(self, name: str) -> bool:
         """A template condition, evaluated with the stack's parameters."""
@@ -169,7 +188,9 @@ class Stack:
             return self.condition(arg)
         raise NotImplementedError(f"local mode does not evaluate {function} in a condition")
 
-    def _ref(self, name: str) -> str:
+    def _ref(self, name: str) -> Any:
+        if name == "AWS::NoValue":
+            return NO_VALUE
         if name in self.pseudo:
             return self.pseudo[name]
         if name in self.parameters:
@@ -217,6 +238,58 @@ class Stack:
         text = _SUB.sub(lambda m: substitutions[m.group(1)], text)
         json.loads(text)  # a substitution must not break the JSON
         return text
+
+    def bucket_encryption(self, bucket: Resource) -> dict[str, Any] | None:
+        """PutBucketEncryption's ServerSideEncryptionConfiguration for `bucket`, or None: CloudFormation
+        spells the API's Rules[].ApplyServerSideEncryptionByDefault differently."""
+        if "BucketEncryption" not in bucket.properties:
+            return None
+        rules = []
+        for rule in self.resolve(bucket.properties["BucketEncryption"])["ServerSideEncryptionConfiguration"]:
+            api_rule: dict[str, Any] = {
+                "ApplyServerSideEncryptionByDefault": rule["ServerSideEncryptionByDefault"]
+            }
+            if "BucketKeyEnabled" in rule:
+                api_rule["BucketKeyEnabled"] = rule["BucketKeyEnabled"]
+            rules.append(api_rule)
+        return {"Rules": rules}
+
+    def queue_attributes(self, queue: Resource) -> dict[str, str]:
+        """CreateQueue's attributes for `queue` (its redrive target must exist: create dead-letter queues first)."""
+        props = self.resolve(queue.properties)
+        attributes = {
+            key: str(props[key]).lower() if isinstance(props[key], bool) else str(props[key])
+            for key in (
+                "VisibilityTimeout",
+                "MessageRetentionPeriod",
+                "KmsMasterKeyId",
+                "SqsManagedSseEnabled",
+            )
+            if key in props
+        }
+        if "RedrivePolicy" in props:
+            attributes["RedrivePolicy"] = json.dumps(props["RedrivePolicy"])
+        return attributes
+
+    def topic_attributes(self, topic: Resource) -> dict[str, str]:
+        props = self.resolve(topic.properties)
+        return {"KmsMasterKeyId": str(props["KmsMasterKeyId"])} if "KmsMasterKeyId" in props else {}
+
+    def create_keys(self, kms: Any) -> None:
+        """Create the template's KMS keys and aliases through `kms`; KMS names a key, so the resources that
+        refer to one resolve only after this."""
+        for key in self.of_type("AWS::KMS::Key"):
+            props = self.resolve(key.properties)
+            metadata = kms.create_key(
+                Description=props.get("Description", ""), Policy=json.dumps(props["KeyPolicy"])
+            )["KeyMetadata"]
+            if props.get("EnableKeyRotation"):
+                kms.enable_key_rotation(KeyId=metadata["KeyId"])
+            key.attributes.update(Ref=metadata["KeyId"], Arn=metadata["Arn"])
+        for alias in self.of_type("AWS::KMS::Alias"):
+            props = self.resolve(alias.properties)
+            kms.create_alias(AliasName=props["AliasName"], TargetKeyId=props["TargetKeyId"])
+            alias.attributes["Ref"] = props["AliasName"]
 
     def outputs(self) -> dict[str, str]:
         return {

@@ -35,7 +35,7 @@ from moto.sagemaker import models as sagemaker_models
 from moto.sagemaker import responses as sagemaker_responses
 from moto.sagemaker.exceptions import ResourceInUseException, ValidationError
 
-from conveyor.local.jobs import JobRunner, terminate
+from conveyor.local.jobs import JobRunner, encryption_args, terminate, volume_key_refusal
 
 log = logging.getLogger("localcloud.training")
 HOST = "algo-1"
@@ -60,13 +60,19 @@ def download_prefix(s3: Any, uri: str, destination: Path) -> int:
     return count
 
 
-def upload_directory(s3: Any, directory: Path, uri: str) -> int:
-    """Upload every file below `directory` under the S3 prefix `uri`; the number of files."""
+def upload_directory(s3: Any, directory: Path, uri: str, kms_key: str | None = None) -> int:
+    """Upload every file below `directory` under the S3 prefix `uri` (encrypted with `kms_key` if given);
+    the number of files."""
     bucket, prefix = split_s3(uri)
     prefix = prefix if not prefix or prefix.endswith("/") else prefix + "/"
     count = 0
     for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-        s3.upload_file(str(path), bucket, prefix + path.relative_to(directory).as_posix())
+        s3.upload_file(
+            str(path),
+            bucket,
+            prefix + path.relative_to(directory).as_posix(),
+            ExtraArgs=encryption_args(kms_key),
+        )
         count += 1
     return count
 
@@ -109,6 +115,10 @@ class TrainingAdapter(JobRunner):
                     f"Training job names must be unique within an AWS account and region, "
                     f"and a training job with this name already exists ({name})"
                 )
+            resources = kwargs.get("resource_config") or {}
+            refusal = volume_key_refusal(resources.get("InstanceType", ""), resources.get("VolumeKmsKeyId"))
+            if refusal:
+                raise ValidationError(message=refusal)
             spec = kwargs.get("algorithm_specification") or {}
             requested_metrics = list(spec.get("MetricDefinitions") or [])
             assert adapter._original is not None
@@ -264,9 +274,11 @@ class TrainingAdapter(JobRunner):
                 self._processes.pop(name, None)
         job.final_metric_data_list = metrics.final()
         elapsed = time.monotonic() - started
+        # SageMaker encrypts the model, the output and the checkpoints with OutputDataConfig's key.
+        output_key = (job.output_data_config or {}).get("KmsKeyId")
         if checkpoint_uri:
             # Uploaded however the job ended, as SageMaker does, so a stopped job can be resumed.
-            upload_directory(s3, checkpoints, checkpoint_uri)
+            upload_directory(s3, checkpoints, checkpoint_uri, output_key)
 
         with self._lock:
             stopped = name in self._stopped
@@ -278,8 +290,10 @@ class TrainingAdapter(JobRunner):
             bucket, key = split_s3(job.model_artifacts["S3ModelArtifacts"])
             tar_directory(model, root / "model.tar.gz")
             tar_directory(output_data, root / "output.tar.gz")
-            s3.upload_file(str(root / "model.tar.gz"), bucket, key)
-            s3.upload_file(str(root / "output.tar.gz"), bucket, key.rsplit("/", 1)[0] + "/output.tar.gz")
+            extra = encryption_args(output_key)
+            s3.upload_file(str(root / "model.tar.gz"), bucket, key, ExtraArgs=extra)
+            output_key_name = key.rsplit("/", 1)[0] + "/output.tar.gz"
+            s3.upload_file(str(root / "output.tar.gz"), bucket, output_key_name, ExtraArgs=extra)
             log.info("training job %s completed in %.1f s", name, elapsed)
             _finish(job, "Completed", seconds=elapsed)
         elif elapsed >= max_runtime:
