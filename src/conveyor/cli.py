@@ -238,6 +238,27 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------- doctor
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from conveyor import doctor
+
+    if args.stack:
+        report = doctor.diagnose_stack(doctor.stack_clients(args.region), args.stack, hours=args.hours)
+    else:
+        try:
+            target = _target(args)
+        except ConveyorError as error:
+            report = doctor.Report(
+                f"local stack ({args.outputs_file})",
+                (doctor.CheckResult("local stack", problems=(doctor.Problem(str(error)),)),),
+            )
+        else:
+            report = doctor.diagnose_local(target.client, target.outputs, hours=args.hours)
+    for line in report.lines():
+        print(line, flush=True)
+    return report.exit_code
+
+
 # ---------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="conveyor", description=__doc__)
@@ -308,6 +329,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", help="rows inline: '[{\"column\": value}]'")
     predict.add_argument("--limit", type=int, default=100, help="at most this many CSV rows")
     predict.set_defaults(func=cmd_predict)
+
+    doctor = commands.add_parser(
+        "doctor",
+        parents=[common],
+        help="check the stack (resources, queues, endpoints, alarms, recent executions) and say what to fix",
+    )
+    doctor.add_argument(
+        "--hours",
+        type=float,
+        default=24,
+        help="report executions that failed, timed out or were aborted this recently (default: %(default)s)",
+    )
+    doctor.set_defaults(func=cmd_doctor)
     return parser
 
 
