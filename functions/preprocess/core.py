@@ -1143,8 +1143,10 @@ def _check_classes(target: _Column) -> list[Any]:
         )
     if len(class_counts) < 2:
         raise DatasetRejected(
-            f"the target {target.name!r} has a single class in the training split "
-            f"({next(iter(class_counts), 'none')!r}): nothing to learn",
+            # The class itself is a value of the data: it goes to the report (class_counts), not into the
+            # reason, which is logged.
+            f"the target {target.name!r} has a single class in the training split: nothing to learn "
+            "(the report's class_counts shows it)",
             class_counts=class_counts,
         )
     assert target.values is not None

@@ -22,6 +22,7 @@ NOT_CREATED = {
     "AWS::Serverless::HttpApi": "the local HTTPS gateway (conveyor/local/gateway.py) serves its routes",
     "AWS::SQS::QueuePolicy": "moto's S3 notifies the queue without it (tests/unit/test_iam_policy.py checks it)",
     "AWS::IAM::ManagedPolicy": "local mode evaluates no IAM (tests/unit/test_iam_policy.py checks the policies)",
+    "AWS::Lambda::Permission": "the local gateways invoke the function in-process",
 }
 
 

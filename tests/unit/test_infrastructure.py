@@ -168,7 +168,10 @@ def test_every_state_is_reachable_and_every_next_exists():
 
 
 def test_outputs_are_the_ones_clients_read():
-    assert set(STACK.template["Outputs"]) == set(OUTPUT_KEYS)
+    outputs = STACK.template["Outputs"]
+    assert {name for name, spec in outputs.items() if "Condition" not in spec} == set(OUTPUT_KEYS)
+    # Outputs of optional parts are not required: AppApiUrl exists with JwtIssuer only.
+    assert {name for name, spec in outputs.items() if "Condition" in spec} == {"AppApiUrl"}
 
 
 def test_function_environment_matches_the_settings_the_code_reads():
@@ -256,3 +259,30 @@ def test_moto_still_has_the_hooks_local_mode_patches():
     assert not hasattr(SageMakerModelBackend, "update_endpoint"), (
         "moto now has UpdateEndpoint: revisit the adapter"
     )
+
+
+def test_app_clients_get_the_same_routes_behind_a_jwt_authorizer_only_when_an_issuer_is_given():
+    assert "AppApi" not in Stack(ROOT).resources and "AppApiUrl" not in Stack(ROOT).outputs()
+    issuer = "https://cognito-idp.us-east-1.amazonaws.com/us-east-1_Example"
+    stack = Stack(ROOT, parameters={"JwtIssuer": issuer, "JwtAudience": "client-a,client-b"})
+    iam_routes = {
+        (event["Properties"]["Method"].lower(), event["Properties"]["Path"])
+        for event in stack.resources["InferenceProxyFunction"].properties["Events"].values()
+        if event["Type"] == "HttpApi"
+    }
+    body = stack.resolve(stack.resources["AppApi"].properties["DefinitionBody"])
+    jwt_routes = {(method, path) for path, operations in body["paths"].items() for method in operations}
+    assert jwt_routes == iam_routes
+    for operations in body["paths"].values():
+        for operation in operations.values():
+            assert operation["security"] == [{"AppClients": []}]
+            integration = operation["x-amazon-apigateway-integration"]
+            assert integration["type"] == "aws_proxy" and integration["payloadFormatVersion"] == "2.0"
+            assert "function:conveyor-InferenceProxyFunction/invocations" in integration["uri"]
+    authorizer = body["components"]["securitySchemes"]["AppClients"]["x-amazon-apigateway-authorizer"]
+    assert authorizer["jwtConfiguration"] == {"issuer": issuer, "audience": "client-a,client-b"}
+    permission = stack.resolve(stack.resources["AppApiInvokesProxy"].properties)
+    assert permission["Principal"] == "apigateway.amazonaws.com" and permission["SourceArn"].endswith(
+        ":local/*"
+    )
+    assert stack.outputs()["AppApiUrl"].startswith("https://")

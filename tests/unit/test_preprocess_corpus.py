@@ -423,3 +423,25 @@ def test_one_bad_message_in_a_batch_fails_alone(stack):
     event = sqs_batch(s3_event(RAW, "datasets/churn/churn.csv", head), {"not": "an event"})
     assert app.handler(event, Context()) == {"batchItemFailures": [{"itemIdentifier": "message-1"}]}
     assert len(stack.executions()) == 1
+
+
+def test_no_cell_of_an_upload_reaches_the_logs(stack, caplog, capsys):
+    """Uploads are customers' data: whether a file trains, is quarantined or breaks a rule, its values never
+    appear in PreprocessFunction's logs (the quarantine report in S3 is where a person looks at them)."""
+    secret = "CELL-4711-do-not-log"
+    good = good_csv().decode().replace("basic", secret, 3).encode()
+    ragged = good_csv().decode().replace("\n", f",{secret},extra\n", 5).encode()
+    # A target column whose every value is the secret: one class only, so the file cannot train.
+    one_class = "\n".join(["age,churned"] + [f"{i},{secret}" for i in range(50)]).encode() + b"\n"
+    for key, body in (
+        ("datasets/d/good.csv", good),
+        ("datasets/d/ragged.csv", ragged),
+        ("datasets/d/one-class.csv", one_class),
+        (f"datasets/d/{secret}.bin", b"\x00\x01" + secret.encode()),
+    ):
+        deliver(stack, key, body)
+    logged = capsys.readouterr().out + caplog.text + "".join(str(r.__dict__) for r in caplog.records)
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages.count("quarantined") == 3 and "pipeline started" in messages  # it did log what happened
+    # The object key is the user's own name for the file, not its contents: it may be logged.
+    assert secret not in logged.replace(f"datasets/d/{secret}.bin", "")

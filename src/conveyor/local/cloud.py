@@ -150,6 +150,7 @@ class LocalCloud:
         self.stepfunctions = StepFunctionsAdapter()
         self._pollers: list[SqsEventSource] = []
         self.gateway: Any = None
+        self.app_gateway: Any = None  # AppApi (JwtIssuer set): the same routes behind a JWT authorizer
         self.outputs: dict[str, str] = {}
 
     # ------------------------------------------------------------------ clients
@@ -208,9 +209,10 @@ class LocalCloud:
         self._pollers.clear()
         if self.events is not None:
             self.events.drain()
-        if self.gateway is not None:
-            self.gateway.stop()
-            self.gateway = None
+        for gateway in (self.gateway, self.app_gateway):
+            if gateway is not None:
+                gateway.stop()
+        self.gateway = self.app_gateway = None
         self.training.stop_all()
         self.processing.stop_all()
         self.hosting.stop_all()
@@ -463,10 +465,55 @@ class LocalCloud:
             invoke=invoke,
         )
         self.gateway.start()
+        for api in self.stack.of_type("AWS::Serverless::HttpApi"):
+            if "DefinitionBody" in api.properties:
+                self.app_gateway = self._start_jwt_api(api.properties["DefinitionBody"], cert, key, invoke)
+
+    def _start_jwt_api(
+        self, definition: dict[str, Any], cert: Path, key: Path, invoke: Callable[..., Any]
+    ) -> Any:
+        """An API written as OpenAPI whose routes share one JWT authorizer (AppApi): its own port."""
+        from conveyor.local.gateway import HttpApiGateway
+        from conveyor.local.jwt_authorizer import JwtAuthorizer
+
+        body = self.stack.resolve(definition)
+        ((scheme,),) = {
+            tuple(s)
+            for operations in body["paths"].values()
+            for o in operations.values()
+            for s in o["security"]
+        }
+        settings = body["components"]["securitySchemes"][scheme]["x-amazon-apigateway-authorizer"]
+        if settings["type"] != "jwt" or settings["identitySource"] != "$request.header.Authorization":
+            raise LocalCloudError(
+                f"local mode runs JWT authorizers on the Authorization header only, not {settings}"
+            )
+        audiences = settings["jwtConfiguration"]["audience"]
+        gateway = HttpApiGateway(
+            host="127.0.0.1",
+            port=0,
+            certfile=cert,
+            keyfile=key,
+            region=self.stack.region,
+            lookup_secret=lambda _: None,
+            routes=[
+                (method.upper(), path, f"{method.upper()} {path}")
+                for path, operations in body["paths"].items()
+                for method in operations
+            ],
+            invoke=invoke,
+            jwt_authorizer=JwtAuthorizer.of(
+                settings["jwtConfiguration"]["issuer"],
+                audiences.split(",") if isinstance(audiences, str) else audiences,
+            ),
+        )
+        return gateway.start()
 
     def _outputs(self) -> dict[str, str]:
         outputs = self.stack.outputs()
         outputs["ApiUrl"] = self.gateway.url
+        if self.app_gateway is not None:
+            outputs["AppApiUrl"] = self.app_gateway.url
         outputs.update(
             EndpointUrl=self.endpoint_url,
             Region=self.stack.region,

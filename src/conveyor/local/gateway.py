@@ -1,4 +1,4 @@
-"""A local stand-in for an API Gateway HTTP API: HTTPS, IAM (SigV4) auth, Lambda proxy payload 2.0.
+"""A local stand-in for an API Gateway HTTP API: HTTPS, IAM (SigV4) or JWT auth, Lambda proxy payload 2.0.
 
 What a client sees matches the deployed API closely enough that the CLI and tests run unchanged against
 either: the same TLS + SigV4 handshake, the same 401/403/404/413/500 answers with ``{"message": ...}``
@@ -40,10 +40,13 @@ import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote
 
 from conveyor.sigv4 import verify_request
+
+if TYPE_CHECKING:
+    from conveyor.local.jwt_authorizer import JwtAuthorizer
 
 log = logging.getLogger("localcloud.gateway")
 
@@ -56,6 +59,7 @@ REQUEST_TIMEOUT_SECONDS = 60
 NOT_FOUND = {"message": "Not Found"}
 INTERNAL_ERROR = {"message": "Internal Server Error"}
 TOO_LARGE = {"message": "Request Entity Too Large"}
+UNAUTHORIZED = {"message": "Unauthorized"}
 BAD_REQUEST = {"message": "Bad Request"}
 
 # Media types API Gateway passes to the integration as text rather than base64.
@@ -135,6 +139,10 @@ class HttpApiGateway:
         reported as an IAM user of ``account_id`` named after the key.
     max_payload_bytes : int
         Largest request body accepted; API Gateway's limit is 10 MB.
+    jwt_authorizer : JwtAuthorizer, optional
+        Authenticate with bearer JWTs instead of SigV4 (an API whose routes have a JWT authorizer): a
+        refused token is ``401 {"message": "Unauthorized"}``; the claims reach the integration as
+        ``requestContext.authorizer.jwt``.
     """
 
     def __init__(
@@ -152,6 +160,7 @@ class HttpApiGateway:
         api_id: str = "local",
         lookup_identity: Callable[[str], CallerIdentity | None] | None = None,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        jwt_authorizer: JwtAuthorizer | None = None,
     ) -> None:
         self.host = host
         self.region = region
@@ -163,6 +172,7 @@ class HttpApiGateway:
         self.api_id = api_id
         self.lookup_identity = lookup_identity
         self.max_payload_bytes = max_payload_bytes
+        self.jwt_authorizer = jwt_authorizer
 
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
@@ -218,21 +228,28 @@ class HttpApiGateway:
     # What one request goes through; the handler only moves bytes.
     def _handle(self, request: _Request) -> _Response:
         """Authenticate, route, invoke and translate one request (the HTTP API's behaviour)."""
-        verdict = verify_request(
-            request.method,
-            request.target,
-            request.headers,
-            request.body,
-            self.lookup_secret,
-            self.region,
-        )
-        if not verdict.ok:
-            return _json_response(
-                verdict.status,
-                {"message": verdict.message},
-                {"x-amzn-ErrorType": verdict.error_type or "ForbiddenException"},
+        if self.jwt_authorizer is not None:
+            token = self.jwt_authorizer.verify(request.headers)
+            if not token.ok:
+                return _json_response(401, UNAUTHORIZED, {"www-authenticate": token.challenge})
+            authorizer: dict[str, Any] = {"jwt": {"claims": token.claims, "scopes": token.scopes}}
+        else:
+            verdict = verify_request(
+                request.method,
+                request.target,
+                request.headers,
+                request.body,
+                self.lookup_secret,
+                self.region,
             )
-        assert verdict.access_key is not None
+            if not verdict.ok:
+                return _json_response(
+                    verdict.status,
+                    {"message": verdict.message},
+                    {"x-amzn-ErrorType": verdict.error_type or "ForbiddenException"},
+                )
+            assert verdict.access_key is not None
+            authorizer = {"iam": self._iam_context(verdict.access_key)}
 
         raw_path, _, raw_query = request.target.partition("?")
         # Segments are decoded one by one so an encoded "/" stays inside its path parameter.
@@ -244,7 +261,7 @@ class HttpApiGateway:
         else:
             return _json_response(404, NOT_FOUND)
 
-        event = self._build_event(request, route, parameters, raw_query, verdict.access_key)
+        event = self._build_event(request, route, parameters, raw_query, authorizer)
         try:
             result = self.invoke(event)
             return _from_lambda_result(result)
@@ -258,7 +275,7 @@ class HttpApiGateway:
         route: Route,
         path_parameters: Mapping[str, str],
         raw_query: str,
-        access_key: str,
+        authorizer: dict[str, Any],
     ) -> dict[str, Any]:
         """The payload format 2.0 event API Gateway would send the integration for ``request``."""
         headers: dict[str, str] = {}
@@ -279,7 +296,6 @@ class HttpApiGateway:
 
         domain_name = _strip_port(host)
         path = unquote(request.target.partition("?")[0])
-        identity = self._identity(access_key)
         event: dict[str, Any] = {
             "version": "2.0",
             "routeKey": route.route_key,
@@ -297,17 +313,7 @@ class HttpApiGateway:
         event["requestContext"] = {
             "accountId": self.account_id,
             "apiId": self.api_id,
-            "authorizer": {
-                "iam": {
-                    "accessKey": access_key,
-                    "accountId": identity.account_id,
-                    "callerId": identity.caller_id or identity.user_id,
-                    "cognitoIdentity": None,
-                    "principalOrgId": identity.principal_org_id,
-                    "userArn": identity.user_arn,
-                    "userId": identity.user_id,
-                }
-            },
+            "authorizer": authorizer,
             "domainName": domain_name,
             "domainPrefix": domain_name.split(".")[0],
             "http": {
@@ -332,6 +338,19 @@ class HttpApiGateway:
         else:
             event["isBase64Encoded"] = False
         return event
+
+    def _iam_context(self, access_key: str) -> dict[str, Any]:
+        """``requestContext.authorizer.iam`` for a request signed with ``access_key``."""
+        identity = self._identity(access_key)
+        return {
+            "accessKey": access_key,
+            "accountId": identity.account_id,
+            "callerId": identity.caller_id or identity.user_id,
+            "cognitoIdentity": None,
+            "principalOrgId": identity.principal_org_id,
+            "userArn": identity.user_arn,
+            "userId": identity.user_id,
+        }
 
     def _identity(self, access_key: str) -> CallerIdentity:
         if self.lookup_identity is not None:

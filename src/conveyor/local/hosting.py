@@ -333,6 +333,11 @@ class HostingAdapter:
             except subprocess.TimeoutExpired:
                 server.process.kill()
 
+    def serving(self, endpoint_name: str) -> Server | None:
+        """The server that takes `endpoint_name`'s traffic now (None: nothing deployed there)."""
+        with self._lock:
+            return self._serving.get(endpoint_name)
+
     def invoke(self, endpoint_name: str, body: str, accept: str) -> tuple[str, str, str]:
         with self._lock:
             server = self._serving.get(endpoint_name)

@@ -293,7 +293,9 @@ class Stack:
 
     def outputs(self) -> dict[str, str]:
         return {
-            name: str(self.resolve(spec["Value"])) for name, spec in self.template.get("Outputs", {}).items()
+            name: str(self.resolve(spec["Value"]))
+            for name, spec in self.template.get("Outputs", {}).items()
+            if "Condition" not in spec or self.condition(spec["Condition"])
         }
 
 
