@@ -7,19 +7,23 @@ import json
 from typing import Any
 
 from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent, event_source
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from approval.core import deployment, package_to_deploy
 from common import aws
 from common.config import Settings
+from common.telemetry import make_metrics
 
 logger = Logger()
 tracer = Tracer()
+metrics = make_metrics()
 
 
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
+@metrics.log_metrics(raise_on_empty_metrics=False)
 @event_source(data_class=EventBridgeEvent)
 def handler(event: EventBridgeEvent, context: LambdaContext) -> dict[str, Any]:
     settings = Settings.from_env()
@@ -43,5 +47,6 @@ def handler(event: EventBridgeEvent, context: LambdaContext) -> dict[str, Any]:
     except stepfunctions.exceptions.ExecutionAlreadyExists:
         logger.info("its deployment was started already (a repeated event)", extra={"execution": run.name})
         return {"started": None, "reason": "already started", "execution": run.name}
+    metrics.add_metric("ApprovedDeploymentsStarted", MetricUnit.Count, 1)
     logger.info("deploying the approved package", extra={"execution": started})
     return {"started": started}

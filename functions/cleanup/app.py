@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.data_classes import EventBridgeEvent, event_source
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
@@ -15,9 +16,11 @@ from cleanup.core import clean_up, ended_execution, notification
 from common import aws
 from common.announce import announce
 from common.config import Settings
+from common.telemetry import make_metrics
 
 logger = Logger()
 tracer = Tracer()
+metrics = make_metrics()
 # Where each cleanup is recorded; the conditional write of this object makes a repeated event harmless.
 RECORD_PREFIX = "cleanup/"
 
@@ -82,6 +85,7 @@ def _claim(bucket: str, key: str, body: dict[str, Any]) -> bool:
 
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
+@metrics.log_metrics(raise_on_empty_metrics=False)
 @event_source(data_class=EventBridgeEvent)
 def handler(event: EventBridgeEvent, context: LambdaContext) -> dict[str, Any]:
     settings = Settings.from_env()
@@ -118,5 +122,6 @@ def handler(event: EventBridgeEvent, context: LambdaContext) -> dict[str, Any]:
         aws.client("s3").delete_object(Bucket=bucket, Key=key)
         raise
     announce(notice.message)  # the same summary on EventBridge: "Pipeline Aborted"
+    metrics.add_metric("ExecutionsCleanedUp", MetricUnit.Count, 1)
     logger.info("cleaned up", extra=notice.message)
     return {**notice.message, "notified": True}

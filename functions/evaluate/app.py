@@ -8,15 +8,18 @@ from typing import Any
 from urllib.parse import urlparse
 
 from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 
 from common import aws
 from common.config import Settings
+from common.telemetry import make_metrics
 from evaluate.core import EvaluationError, evaluation_from_tarball, gate, metric_value
 
 logger = Logger()
 tracer = Tracer()
+metrics = make_metrics()
 
 
 def _split_s3(uri: str) -> tuple[str, str]:
@@ -84,6 +87,7 @@ def _champion(group: str, metric: str, exclude: str | None = None) -> dict[str, 
 
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
+@metrics.log_metrics(raise_on_empty_metrics=False)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     settings = Settings.from_env()
     names = event["names"]
@@ -129,5 +133,7 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
         # For the Model Registry: which code trained it (training/train.py's code_version).
         "code_version": str((evaluation.get("conveyor") or {}).get("code_version") or "unknown")[:256],
     }
+    metrics.add_metric("ModelsEvaluated", MetricUnit.Count, 1)
+    metrics.add_metric("ModelsPassingGate", MetricUnit.Count, 1 if decision["deploy"] else 0)
     logger.info("evaluated", extra=result)
     return result

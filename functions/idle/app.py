@@ -8,14 +8,17 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aws_lambda_powertools import Logger, Tracer
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 
 from common import aws
 from common.config import Settings
+from common.telemetry import make_metrics
 from idle.core import Endpoint, idle
 
 logger = Logger()
 tracer = Tracer()
+metrics = make_metrics()
 
 
 def _invocations(name: str, since: datetime, now: datetime) -> float:
@@ -39,6 +42,7 @@ def _invocations(name: str, since: datetime, now: datetime) -> float:
 
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
+@metrics.log_metrics(raise_on_empty_metrics=False)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     settings = Settings.from_env()
     days = settings.idle_endpoint_days
@@ -71,4 +75,5 @@ def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
                     Message=json.dumps({"outcome": "endpoint_deleted", **deleted[-1]}),
                     MessageAttributes={"outcome": {"DataType": "String", "StringValue": "endpoint_deleted"}},
                 )
+    metrics.add_metric("IdleEndpointsDeleted", MetricUnit.Count, len(deleted))
     return {"deleted": deleted}

@@ -14,15 +14,18 @@ from typing import Any
 from aws_lambda_powertools import Logger, Tracer
 from aws_lambda_powertools.event_handler import APIGatewayHttpResolver, Response
 from aws_lambda_powertools.event_handler.exceptions import ServiceError
+from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 
 from common import aws
 from common.config import Settings
 from common.naming import endpoint_name, slugify
+from common.telemetry import make_metrics
 
 logger = Logger()
 tracer = Tracer()
+metrics = make_metrics()
 app = APIGatewayHttpResolver()
 MAX_INSTANCES = 10_000
 
@@ -124,6 +127,7 @@ def predict(name: str) -> Response:
     body = json.loads(answer["Body"].read())
     # The model names its own version (the variant keeps one name across blue/green deployments).
     version = body.get("model_version") or answer.get("InvokedProductionVariant")
+    metrics.add_metric("PredictedInstances", MetricUnit.Count, len(instances))
     return _json(200, {"predictions": body["predictions"], "model_version": version})
 
 
@@ -141,6 +145,7 @@ def _invoke_error(error: ClientError, endpoint: str, name: str) -> ApiError:
             return ApiError(400, "InvalidInput", str(message))
         # Not the model's message: it may quote the request, and no payload goes to these logs.
         logger.error("model failed", extra={"endpoint": endpoint, "model_status": int(original)})
+        metrics.add_metric("ModelFailures", MetricUnit.Count, 1)
         return ApiError(502, "ModelFailed", "the model failed to answer; see the endpoint's logs")
     if code in ("ThrottlingException", "TooManyRequestsException"):
         return ApiError(429, "Throttled", "too many requests; retry with backoff")
@@ -181,5 +186,6 @@ def _not_found(_: Exception) -> Response:
 
 @logger.inject_lambda_context(clear_state=True)
 @tracer.capture_lambda_handler
+@metrics.log_metrics(raise_on_empty_metrics=False)
 def handler(event: dict[str, Any], context: LambdaContext) -> dict[str, Any]:
     return app.resolve(event, context)

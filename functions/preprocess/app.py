@@ -10,7 +10,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import posixpath
 import time
 from collections.abc import Iterator
@@ -18,7 +17,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import smart_open
-from aws_lambda_powertools import Logger, Metrics, Tracer, single_metric
+from aws_lambda_powertools import Logger, Tracer, single_metric
 from aws_lambda_powertools.metrics import MetricUnit
 from aws_lambda_powertools.utilities.batch import BatchProcessor, EventType, process_partial_response
 from aws_lambda_powertools.utilities.batch.types import PartialItemFailureResponse
@@ -41,12 +40,12 @@ from common.naming import (
     processing_job_name,
     slugify,
 )
+from common.telemetry import make_metrics
 from preprocess.core import SUFFIXES, DatasetSpec, Limits, format_of, preprocess
 
 logger = Logger()
 tracer = Tracer()
-# The template sets POWERTOOLS_METRICS_NAMESPACE; without it (a test, a script), metrics still have one.
-metrics = Metrics(namespace=os.environ.get("POWERTOOLS_METRICS_NAMESPACE") or "conveyor")
+metrics = make_metrics()
 processor = BatchProcessor(event_type=EventType.SQS)
 
 DATASETS_PREFIX = "datasets/"

@@ -286,3 +286,17 @@ def test_app_clients_get_the_same_routes_behind_a_jwt_authorizer_only_when_an_is
         ":local/*"
     )
     assert stack.outputs()["AppApiUrl"].startswith("https://")
+
+
+def test_every_handler_logs_traces_and_flushes_metrics_with_powertools():
+    for function in STACK.of_type("AWS::Serverless::Function"):
+        module, _, name = function.properties["Handler"].rpartition(".")
+        path = ROOT / "functions" / (module.replace(".", "/") + ".py")
+        tree = ast.parse(path.read_text())
+        (handler,) = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == name]
+        decorators = {ast.unparse(d).split("(")[0] for d in handler.decorator_list}
+        assert {
+            "logger.inject_lambda_context",
+            "tracer.capture_lambda_handler",
+            "metrics.log_metrics",
+        } <= decorators, f"{function.logical_id}: {path.name} handler is missing Powertools decorators"
