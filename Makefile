@@ -21,7 +21,7 @@ LOCALSTACK_VENV  := .tools/localstack
 LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed
 PY313 := $(shell ls -d $$HOME/.pyenv/versions/3.13*/bin/python3.13 2>/dev/null | tail -1 | grep . || command -v python3.13)
 
-.PHONY: demo test test-unit test-fuzz test-localstack lint lint-infra install clean bench-preprocess bench-quality bench-train
+.PHONY: demo test test-unit test-fuzz test-faults test-localstack lint lint-infra install clean bench-preprocess bench-quality bench-train
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: conveyor needs Python 3.11+" >&2; exit 1; }
@@ -91,6 +91,10 @@ test-localstack: $(STAMP) $(LOCALSTACK_STAMP)
 # The preprocessing fuzz suite at full size (10,000 generated files per test; CI runs 200).
 test-fuzz: $(STAMP)
 	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest tests/unit/test_preprocess_fuzz.py -p no:cacheprovider
+
+# The fault-injection suite at full size: each fault three times (CI runs each once, in `make test`).
+test-faults: $(STAMP)
+	CONVEYOR_FAULTS=full $(BIN)/python -m pytest tests/integration/test_faults.py -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check src functions training tests benchmarks scripts

@@ -243,6 +243,16 @@ class LocalCloud:
             # A temporary directory of ours (jobs, models, certificates): nothing in it outlives the stack.
             shutil.rmtree(self.workdir, ignore_errors=True)
 
+    def restart_emulator(self, down_seconds: float = 1.0) -> None:
+        """Stop the emulator's HTTP server and start it again on the same port after `down_seconds`: what
+        every client (functions, the state machine's tasks, pollers, the CLI) sees when the endpoint drops. The
+        services' state lives in this process and survives, as AWS's does. For the fault-injection suite."""
+        assert self._server is not None, "the local stack is not running"
+        self._server.stop()
+        time.sleep(down_seconds)
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server.start()
+
     def __enter__(self) -> LocalCloud:
         self.start()
         return self

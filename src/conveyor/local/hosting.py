@@ -66,6 +66,13 @@ class RuntimeValidationError(ServiceException):
     code = "ValidationError"
 
 
+class ServiceUnavailable(ServiceException):
+    """What InvokeEndpoint answers while an instance that stopped answering is being replaced."""
+
+    code = "ServiceUnavailable"
+    status_code = 503
+
+
 @dataclass
 class Server:
     endpoint_config: str
@@ -76,6 +83,9 @@ class Server:
     # What this server answered since it started: the figures its CloudWatch alarms are evaluated on.
     errors_5xx: int = 0
     latencies_us: list[float] = field(default_factory=list)
+    # Times its process died and was replaced, as SageMaker replaces an unhealthy instance.
+    replacements: int = 0
+    replacing: bool = False
 
 
 @dataclass
@@ -284,8 +294,21 @@ class HostingAdapter:
             tar.extractall(model_dir, filter="data")
         if not (model_dir / "code" / "inference.py").exists():
             raise ValueError("model.tar.gz has no code/inference.py")
+        process, port = self._spawn(model_dir)
+        server = Server(endpoint_config, variant, port, process, model_dir)
+        with self._lock:
+            self._all.append(server)
+        try:
+            self._wait_ready(process, port, model_dir)
+        except TimeoutError:
+            self._stop_server(server)
+            raise
+        return server
+
+    def _spawn(self, model_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
+        """A model server process on `model_dir` (an unpacked model.tar.gz), on a free port."""
         port = free_port()
-        log_file = (model_dir.parent / "server.log").open("wb")
+        log_file = (model_dir.parent / "server.log").open("ab")
         process = subprocess.Popen(
             [
                 self._python,
@@ -300,18 +323,17 @@ class HostingAdapter:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        server = Server(endpoint_config, variant, port, process, model_dir)
-        with self._lock:
-            self._all.append(server)
+        return process, port
+
+    def _wait_ready(self, process: subprocess.Popen[bytes], port: int, model_dir: Path) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 tail = (model_dir.parent / "server.log").read_text(errors="replace").strip().splitlines()[-3:]
                 raise RuntimeError(f"the model server exited ({process.returncode}): {' | '.join(tail)}")
             if self._healthy(port):
-                return server
+                return
             time.sleep(0.2)
-        self._stop_server(server)
         raise TimeoutError(f"the model server did not answer /ping within {READY_TIMEOUT} s")
 
     @staticmethod
@@ -348,6 +370,8 @@ class HostingAdapter:
             raise RuntimeValidationError(
                 f"Endpoint {endpoint_name} of account 123456789012 not found or not InService."
             )
+        if server.process.poll() is not None:
+            self._replace(endpoint_name, server)
         connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
         started = time.perf_counter()
         try:
@@ -361,6 +385,8 @@ class HostingAdapter:
             answer = response.read().decode()
         except OSError:
             server.errors_5xx += 1
+            if server.process.poll() is not None:
+                self._replace(endpoint_name, server)
             raise
         finally:
             connection.close()
@@ -370,6 +396,40 @@ class HostingAdapter:
         if response.status != 200:
             raise ModelError(response.status, answer, f"/aws/sagemaker/Endpoints/{endpoint_name}")
         return answer, response.getheader("Content-Type") or "application/json", server.variant
+
+    def _replace(self, endpoint_name: str, server: Server) -> None:
+        """The server's process died: start another on the same model in the background, as SageMaker
+        replaces an instance that fails its health check, and answer 503 until it is up."""
+        with self._lock:
+            starting = not server.replacing
+            server.replacing = True
+        if starting:
+            log.warning(
+                "endpoint %s: the model server exited (%s); replacing it",
+                endpoint_name,
+                server.process.returncode,
+            )
+            threading.Thread(
+                target=self._restart,
+                args=(endpoint_name, server),
+                daemon=True,
+                name=f"replace-{endpoint_name}",
+            ).start()
+        raise ServiceUnavailable(
+            f"Endpoint {endpoint_name}: an instance is being replaced after it stopped answering; retry shortly"
+        )
+
+    def _restart(self, endpoint_name: str, server: Server) -> None:
+        try:
+            process, port = self._spawn(server.model_dir)
+            self._wait_ready(process, port, server.model_dir)
+            server.process, server.port = process, port
+            server.replacements += 1
+            log.info("endpoint %s: model server replaced (port %d)", endpoint_name, port)
+        except Exception:
+            log.exception("endpoint %s: the replacement model server did not start", endpoint_name)
+        finally:
+            server.replacing = False
 
     def stop_all(self) -> None:
         with self._lock:

@@ -76,6 +76,11 @@ class JobRunner:
         self._threads.append(thread)
         thread.start()
 
+    def process(self, name: str) -> subprocess.Popen[bytes] | None:
+        """The running process of job `name` (None once it has ended), e.g. for the fault-injection suite."""
+        with self._lock:
+            return self._processes.get(name)
+
     def stop(self, name: str) -> None:
         with self._lock:
             self._stopped.add(name)

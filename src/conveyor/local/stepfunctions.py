@@ -8,7 +8,11 @@ among them: the name of the Java SDK's base exception). So:
 
 - `applicationautoscaling` reaches boto3's `application-autoscaling` (the endpoints' auto scaling);
 - errors of `aws-sdk:sagemaker:*` calls are named as Step Functions names them, so a throttled SageMaker
-  call is retried locally as on AWS.
+  call is retried locally as on AWS;
+- an aws-sdk call that cannot reach the emulator, or loses its connection (the emulator is restarting: the
+  fault-injection suite), fails as an unavailable service does on AWS, where SageMaker answers 503
+  ServiceUnavailable, an unmodelled error: `SageMaker.AmazonSageMakerException`, which the definition
+  retries. (moto's executor makes one attempt per call and would name it `States.Runtime`.)
 
 The optimised integrations (`arn:aws:states:::sagemaker:createModel`, ...) are a different path in moto;
 their errors stay `States.Runtime` (docs/local-mode.md).
@@ -18,7 +22,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from botocore.exceptions import ClientError
+from botocore.exceptions import ClientError, HTTPClientError
+from botocore.exceptions import ConnectionError as BotocoreConnectionError
 from moto.stepfunctions.parser.asl.component.state.exec.state_task.service import (
     state_task_service_aws_sdk as aws_sdk,
 )
@@ -37,6 +42,7 @@ class StepFunctionsAdapter:
         self._names_added: list[str] = []
         self._errors_added: list[str] = []
         self._original_exception_name: Any = None
+        self._original_from_error: Any = None
 
     def install(self) -> None:
         overrides = StateTaskService._SERVICE_NAME_SFN_TO_BOTO_OVERRIDES
@@ -46,6 +52,7 @@ class StepFunctionsAdapter:
             not isinstance(errors, dict)
             or service is None
             or not hasattr(service, "_normalise_exception_name")
+            or "_from_error" not in service.__dict__
         ):
             raise RuntimeError("moto changed: the aws-sdk task's error naming moved; see docs/local-mode.md")
         self._names_added = [name for name in SDK_SERVICE_NAMES if name not in overrides]
@@ -63,6 +70,20 @@ class StepFunctionsAdapter:
 
         service._normalise_exception_name = staticmethod(normalise_exception_name)
 
+        self._original_from_error = service.__dict__["_from_error"]
+        original_from_error = self._original_from_error
+
+        def from_error(task: Any, env: Any, ex: Exception) -> Any:
+            written = task._normalise_service_error_name(task.resource.api_name)
+            if isinstance(ex, (BotocoreConnectionError, HTTPClientError)) and written in unmodelled:
+                cause = f"{ex} (Service: {written}, Status Code: 503: the service could not be reached)"
+                return task._get_task_failure_event(
+                    env=env, error=f"{written}.{unmodelled[written]}", cause=cause
+                )
+            return original_from_error(task, env, ex)
+
+        service._from_error = from_error
+
     def uninstall(self) -> None:
         for name in self._names_added:
             StateTaskService._SERVICE_NAME_SFN_TO_BOTO_OVERRIDES.pop(name, None)  # type: ignore[attr-defined]
@@ -70,4 +91,7 @@ class StepFunctionsAdapter:
             aws_sdk._SERVICE_ERROR_NAMES.pop(name, None)
         if self._original_exception_name is not None:
             aws_sdk.StateTaskServiceAwsSdk._normalise_exception_name = self._original_exception_name
+        if self._original_from_error is not None:
+            aws_sdk.StateTaskServiceAwsSdk._from_error = self._original_from_error
         self._names_added, self._errors_added, self._original_exception_name = [], [], None
+        self._original_from_error = None

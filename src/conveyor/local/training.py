@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -308,6 +309,14 @@ class TrainingAdapter(JobRunner):
             failure_file = ml / "output" / "failure"
             if failure_file.exists() and failure_file.read_text().strip():
                 reason = f"AlgorithmError: {failure_file.read_text().strip()}"
+            elif returncode < 0:
+                # Killed by a signal: a container reports 128 + the signal number (137 for SIGKILL, which is
+                # what the kernel's OOM killer sends).
+                reason = (
+                    f"AlgorithmError: ExecuteUserScriptError: the training process was killed by "
+                    f"{signal.Signals(-returncode).name} (exit code {128 - returncode}): out of memory, or "
+                    "killed from outside; a bigger TrainingInstanceType or a smaller batch_size helps with memory"
+                )
             else:
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
                 reason = f"AlgorithmError: ExecuteUserScriptError: exit code {returncode}: " + " | ".join(
