@@ -184,7 +184,10 @@ def wait_for_training_process(cloud, name: str, known: set[str], timeout: float 
 
 
 def test_a_killed_model_server_is_replaced_and_answers_again(cloud):
-    outputs, name = cloud.outputs, "sturdy"  # deployed by the test above
+    outputs, name = cloud.outputs, "steady"
+    upload(outputs, name, seed=2)
+    (deployed,) = finished(outputs, name, 1)
+    assert deployed["status"] == "SUCCEEDED", deployed.get("cause")
     version = serving_version(outputs, name)
     server = cloud.hosting.serving(f"conveyor-{name}")
     for round_ in range(ROUNDS):
@@ -215,10 +218,20 @@ def test_the_emulator_restarting_mid_pipeline_loses_no_upload_and_trains_each_on
         upload(outputs, name, seed=200 + round_, spec={"hyperparameters": {"epochs": "60", "patience": "60"}})
         wait_for_training_process(cloud, name, known)
         time.sleep(1)
-        cloud.restart_emulator(down_seconds=1.0)  # between WaitForTraining and DescribeTrainingJob
+        # Down longer than a poll interval (1 s locally): a DescribeTrainingJob finds it gone.
+        cloud.restart_emulator(down_seconds=2.5)
         upload(outputs, other, seed=300 + round_)  # the queue poller still delivers
         last = finished(outputs, name, round_ + 1)[-1]
         assert last["status"] == "SUCCEEDED", last.get("cause")
+        # The outage reached the pipeline as an unavailable SageMaker (on AWS: a 503), and Retry got past it.
+        history = aws(outputs, "stepfunctions").get_execution_history(
+            executionArn=last["executionArn"], maxResults=1000
+        )["events"]
+        failures = [e["taskFailedEventDetails"] for e in history if e["type"] == "TaskFailed"]
+        assert failures and all(f["error"] == "SageMaker.AmazonSageMakerException" for f in failures), (
+            failures
+        )
+        assert any("could not be reached" in f["cause"] for f in failures)
         after = finished(outputs, other, round_ + 1)[-1]
         assert after["status"] == "SUCCEEDED", after.get("cause")
     assert len(training_jobs(outputs, name)) == ROUNDS

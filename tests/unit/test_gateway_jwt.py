@@ -131,16 +131,35 @@ def test_a_bad_token_is_401_and_never_reaches_the_function(api, case, reason):
     assert integration.events == []
 
 
-def test_a_rotated_key_is_fetched_when_a_token_names_it(api):
-    _, integration, issuer, _ = api
+def test_a_rotated_key_is_fetched_when_a_token_names_it_but_made_up_kids_do_not_flood_the_issuer(api):
+    gateway, integration, issuer, _ = api
+    now = [1000.0]
+    gateway.jwt_authorizer.clock = lambda: now[0]
     assert post(api, f"Bearer {issuer.token()}").status_code == 200
     fetches = len(issuer.fetched)
+    # Unknown kids within refetch_seconds of the last fetch: refused without asking the issuer again.
+    for _ in range(3):
+        assert post(api, f"Bearer {issuer.token(kid='key-9', key=rsa_key())}").status_code == 401
+    assert len(issuer.fetched) == fetches
+    now[0] += 31
     issuer.keys["key-2"] = rsa_key()
     assert post(api, f"Bearer {issuer.token(kid='key-2')}").status_code == 200
     assert len(issuer.fetched) == fetches + 2  # discovery document and key set, once more
     assert post(api, f"Bearer {issuer.token(kid='key-2')}").status_code == 200
     assert len(issuer.fetched) == fetches + 2  # cached from then on
     assert len(integration.events) == 3
+
+
+def test_a_malformed_key_set_or_audience_is_a_401_not_a_crash(api):
+    gateway, integration, issuer, _ = api
+    broken = JwtAuthorizer.of(
+        ISSUER, AUDIENCES, fetch=lambda url: {"jwks_uri": "x", "keys": [{"kty": "RSA"}]}
+    )
+    gateway.jwt_authorizer = broken
+    assert post(api, f"Bearer {issuer.token()}").status_code == 401
+    gateway.jwt_authorizer = JwtAuthorizer.of(ISSUER, AUDIENCES, fetch=issuer.fetch)
+    assert post(api, f"Bearer {issuer.token(aud={'not': 'a string'})}").status_code == 401
+    assert integration.events == []
 
 
 def test_an_issuer_that_cannot_be_reached_refuses_every_token(api):

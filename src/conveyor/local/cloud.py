@@ -499,6 +499,11 @@ class LocalCloud:
                 f"local mode runs JWT authorizers on the Authorization header only, not {settings}"
             )
         audiences = settings["jwtConfiguration"]["audience"]
+        audiences = [a for a in (audiences.split(",") if isinstance(audiences, str) else audiences) if a]
+        if not audiences:  # the template's JwtNeedsAnAudience rule, which local mode does not evaluate
+            raise LocalCloudError(
+                "JwtIssuer is set but JwtAudience names no audience: AppApi would refuse every token"
+            )
         gateway = HttpApiGateway(
             host="127.0.0.1",
             port=0,
@@ -512,10 +517,7 @@ class LocalCloud:
                 for method in operations
             ],
             invoke=invoke,
-            jwt_authorizer=JwtAuthorizer.of(
-                settings["jwtConfiguration"]["issuer"],
-                audiences.split(",") if isinstance(audiences, str) else audiences,
-            ),
+            jwt_authorizer=JwtAuthorizer.of(settings["jwtConfiguration"]["issuer"], audiences),
         )
         return gateway.start()
 

@@ -86,6 +86,7 @@ class Server:
     # Times its process died and was replaced, as SageMaker replaces an unhealthy instance.
     replacements: int = 0
     replacing: bool = False
+    retired: bool = False  # stopped on purpose (rolled back, superseded, the stack stopped): never replaced
 
 
 @dataclass
@@ -308,21 +309,21 @@ class HostingAdapter:
     def _spawn(self, model_dir: Path) -> tuple[subprocess.Popen[bytes], int]:
         """A model server process on `model_dir` (an unpacked model.tar.gz), on a free port."""
         port = free_port()
-        log_file = (model_dir.parent / "server.log").open("ab")
-        process = subprocess.Popen(
-            [
-                self._python,
-                "-m",
-                "conveyor.local.model_server",
-                "--model-dir",
-                str(model_dir),
-                "--port",
-                str(port),
-            ],
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        with (model_dir.parent / "server.log").open("ab") as log_file:  # the child keeps its own descriptor
+            process = subprocess.Popen(
+                [
+                    self._python,
+                    "-m",
+                    "conveyor.local.model_server",
+                    "--model-dir",
+                    str(model_dir),
+                    "--port",
+                    str(port),
+                ],
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         return process, port
 
     def _wait_ready(self, process: subprocess.Popen[bytes], port: int, model_dir: Path) -> None:
@@ -348,12 +349,10 @@ class HostingAdapter:
             return False
 
     def _stop_server(self, server: Server) -> None:
-        if server.process.poll() is None:
-            server.process.terminate()
-            try:
-                server.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                server.process.kill()
+        with self._lock:
+            server.retired = True
+            process = server.process
+        _terminate(process)
 
     def serving(self, endpoint_name: str) -> Server | None:
         """The server that takes `endpoint_name`'s traffic now (None: nothing deployed there)."""
@@ -366,13 +365,15 @@ class HostingAdapter:
             canary = self._canaries.get(endpoint_name)
             if canary is not None and random.random() < canary.share:
                 server = canary.green
-        if server is None:
+            # One consistent view: a replacement publishes its process and port together.
+            process, port = (server.process, server.port) if server is not None else (None, 0)
+        if server is None or process is None:
             raise RuntimeValidationError(
                 f"Endpoint {endpoint_name} of account 123456789012 not found or not InService."
             )
-        if server.process.poll() is not None:
-            self._replace(endpoint_name, server)
-        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+        if process.poll() is not None:
+            self._replace(endpoint_name, server, process)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         started = time.perf_counter()
         try:
             connection.request(
@@ -384,9 +385,9 @@ class HostingAdapter:
             response = connection.getresponse()
             answer = response.read().decode()
         except OSError:
+            if process.poll() is not None:
+                self._replace(endpoint_name, server, process)
             server.errors_5xx += 1
-            if server.process.poll() is not None:
-                self._replace(endpoint_name, server)
             raise
         finally:
             connection.close()
@@ -397,17 +398,17 @@ class HostingAdapter:
             raise ModelError(response.status, answer, f"/aws/sagemaker/Endpoints/{endpoint_name}")
         return answer, response.getheader("Content-Type") or "application/json", server.variant
 
-    def _replace(self, endpoint_name: str, server: Server) -> None:
-        """The server's process died: start another on the same model in the background, as SageMaker
-        replaces an instance that fails its health check, and answer 503 until it is up."""
+    def _replace(self, endpoint_name: str, server: Server, dead: subprocess.Popen[bytes]) -> None:
+        """`dead`, the server's process, has exited: unless the server was retired on purpose, start another
+        on the same model in the background, as SageMaker replaces an instance that fails its health checks.
+        Either way this request gets a retryable 503 (counted as the server's 5XX, which its alarm sees)."""
         with self._lock:
-            starting = not server.replacing
-            server.replacing = True
+            server.errors_5xx += 1
+            starting = not server.replacing and not server.retired and server.process is dead
+            server.replacing = server.replacing or starting
         if starting:
             log.warning(
-                "endpoint %s: the model server exited (%s); replacing it",
-                endpoint_name,
-                server.process.returncode,
+                "endpoint %s: the model server exited (%s); replacing it", endpoint_name, dead.returncode
             )
             threading.Thread(
                 target=self._restart,
@@ -420,16 +421,24 @@ class HostingAdapter:
         )
 
     def _restart(self, endpoint_name: str, server: Server) -> None:
+        process: subprocess.Popen[bytes] | None = None
         try:
             process, port = self._spawn(server.model_dir)
             self._wait_ready(process, port, server.model_dir)
-            server.process, server.port = process, port
-            server.replacements += 1
-            log.info("endpoint %s: model server replaced (port %d)", endpoint_name, port)
+            with self._lock:
+                if not server.retired:
+                    server.replacements += 1
+                    server.process, server.port = process, port
+                    process = None  # published: no longer ours to clean up
+            if process is None:
+                log.info("endpoint %s: model server replaced (port %d)", endpoint_name, port)
         except Exception:
             log.exception("endpoint %s: the replacement model server did not start", endpoint_name)
         finally:
-            server.replacing = False
+            if process is not None:  # failed, or the server was retired meanwhile
+                _terminate(process)
+            with self._lock:
+                server.replacing = False
 
     def stop_all(self) -> None:
         with self._lock:
@@ -437,6 +446,15 @@ class HostingAdapter:
             self._serving.clear()
         for server in servers:
             self._stop_server(server)
+
+
+def _terminate(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 @dataclass

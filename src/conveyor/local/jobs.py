@@ -22,9 +22,9 @@ log = logging.getLogger("localcloud.jobs")
 LOCAL_STORAGE_FAMILIES = frozenset(
     {
         *("g4dn", "g5", "g6", "g6e"),
-        *("p3dn", "p4d", "p4de", "p5", "p5e", "p5en"),
+        *("p3dn", "p4d", "p4de", "p5", "p5e", "p5en", "p6-b200"),
         *("trn1", "trn1n", "trn2"),
-        *("c5d", "m5d", "r5d", "c6id", "m6id", "r6id"),
+        *("c5d", "m5d", "r5d", "c6id", "m6id", "r6id", "c6gd", "m6gd", "r6gd"),
     }
 )
 

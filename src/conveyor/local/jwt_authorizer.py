@@ -4,7 +4,8 @@ It checks what API Gateway checks (its "Validating JWTs" steps) before a request
 
 1. the token, from the ``Authorization`` header (``Bearer`` prefix optional), is a JWT signed with an RSA
    algorithm by a key of the issuer's JWKS: ``<issuer>/.well-known/openid-configuration`` names its
-   ``jwks_uri``; a ``kid`` not in the cached set fetches it again, as a key rotation would need;
+   ``jwks_uri``; a ``kid`` not in the cached set fetches it again (at most every ``refetch_seconds``), as a
+   key rotation would need;
 2. ``exp`` is in the future, ``nbf`` and ``iat`` (when present) in the past;
 3. ``iss`` is the configured issuer;
 4. ``aud``, or ``client_id`` for an access token without ``aud``, is one of the configured audiences.
@@ -63,7 +64,11 @@ class JwtAuthorizer:
     audiences: tuple[str, ...]
     fetch: Callable[[str], dict[str, Any]] = fetch_json
     clock: Callable[[], float] = time.time
+    # A token naming an unknown kid fetches the key set again, but not more often than this: a client sending
+    # made-up kids must not make every request wait on the issuer.
+    refetch_seconds: float = 30.0
     _keys: dict[str, Any] = field(default_factory=dict, repr=False)
+    _fetched_at: float | None = field(default=None, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
@@ -88,7 +93,14 @@ class JwtAuthorizer:
             return JwtVerdict(reason=f"signing method {algorithm or 'none'} is invalid")
         try:
             key = self._key(str(header.get("kid", "")))
-        except (requests.RequestException, ValueError, KeyError) as error:
+        except (
+            requests.RequestException,
+            ValueError,
+            KeyError,
+            TypeError,
+            jwt.PyJWTError,
+            jwt.PyJWKError,
+        ) as error:
             return JwtVerdict(reason=f"the issuer's keys could not be read: {error}")
         if key is None:
             return JwtVerdict(reason="the token's kid is not in the issuer's keys")
@@ -110,8 +122,8 @@ class JwtAuthorizer:
         except jwt.PyJWTError as error:
             return JwtVerdict(reason=f"the token is invalid: {error}")
         audience = claims.get("aud", claims.get("client_id"))
-        offered = set(audience) if isinstance(audience, list) else {audience}
-        if not offered & set(self.audiences):
+        offered = audience if isinstance(audience, list) else [audience]
+        if not {a for a in offered if isinstance(a, str)} & set(self.audiences):
             return JwtVerdict(reason="the token's audience is not one of the configured audiences")
         scope = claims.get("scope")
         return JwtVerdict(
@@ -121,7 +133,9 @@ class JwtAuthorizer:
 
     def _key(self, kid: str) -> Any:
         with self._lock:
-            if kid not in self._keys:
+            stale = self._fetched_at is None or self.clock() - self._fetched_at >= self.refetch_seconds
+            if kid not in self._keys and stale:
+                self._fetched_at = self.clock()
                 self._keys = self._fetch_keys()
             return self._keys.get(kid)
 
