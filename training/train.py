@@ -36,6 +36,7 @@ from checkpoint import Checkpoints, checkpoint_directory
 from data import SPLITS, DataError, Encoder, Split, read_manifest, read_split
 from metrics import classification_evaluation, regression_evaluation
 from model import TabularMLP
+from report import write_report
 
 log = logging.getLogger("train")
 HERE = Path(__file__).resolve().parent
@@ -618,15 +619,19 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     x_test, y_test = tensors["test"]
     outputs = predict(network, x_test).cpu()
+    # What the report plots besides the evaluation: the test rows' scores and answers.
     if encoder.task == "classification":
+        plotted = {"probabilities": torch.softmax(outputs, dim=1).numpy(), "truth": y_test.cpu().numpy()}
         evaluation = classification_evaluation(
-            torch.softmax(outputs, dim=1).numpy(), y_test.cpu().numpy(), train_truth, encoder.labels
+            plotted["probabilities"], plotted["truth"], train_truth, encoder.labels
         )
     else:
+        plotted = {
+            "predicted": encoder.decode_target(outputs.squeeze(1).numpy()),
+            "actual": encoder.decode_target(y_test.cpu().numpy()),
+        }
         evaluation = regression_evaluation(
-            encoder.decode_target(outputs.squeeze(1).numpy()),
-            encoder.decode_target(y_test.cpu().numpy()),
-            train_mean=encoder.target_mean,
+            plotted["predicted"], plotted["actual"], train_mean=encoder.target_mean
         )
     evaluation["conveyor"].update(
         dataset=manifest.get("dataset"),
@@ -638,7 +643,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         code_version=code_version(),
     )
     print(final_line(evaluation), flush=True)
-    save(args, network, encoder, manifest, evaluation, result)
+    save(args, network, encoder, manifest, evaluation, result, plotted)
     return evaluation
 
 
@@ -678,8 +683,10 @@ def save(
     manifest: dict[str, Any],
     evaluation: dict[str, Any],
     result: FitResult,
+    plotted: dict[str, Any] | None = None,
 ) -> None:
-    """Write the model directory (weights, config, evaluation, serving code) and the output data."""
+    """Write the model directory (weights, config, evaluation, serving code) and the output data (the
+    evaluation, the history, and the report with its plots)."""
     model_dir, output_dir = Path(args.model_dir), Path(args.output_data_dir)
     code = model_dir / "code"
     code.mkdir(parents=True, exist_ok=True)
@@ -697,6 +704,10 @@ def save(
     (model_dir / "evaluation.json").write_text(document)
     (output_dir / "evaluation.json").write_text(document)
     (output_dir / "history.json").write_text(json.dumps(result.history) + "\n")
+    try:
+        write_report(output_dir, evaluation, result.history, **(plotted or {}))
+    except Exception:  # the model is good whatever happens to its report: say so and go on
+        log.exception("the HTML report could not be written; evaluation.json has every figure")
     for name in SERVING_FILES:
         shutil.copy2(HERE / name, code / name)
     (code / "requirements.txt").write_text(SERVING_REQUIREMENTS)

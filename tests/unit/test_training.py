@@ -865,3 +865,37 @@ def test_two_processes_under_torchrun_train_as_well_as_one(tmp_path):
     (single, baseline), (double, _) = accuracy(tmp_path / "one"), accuracy(tmp_path / "two")
     assert abs(single - double) <= 0.05, (single, double)
     assert double > baseline + 0.2
+
+
+# --- the report ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("case", "plots"),
+    [
+        ("tiers", {"learning_curves.png", "confusion_matrix.png"}),
+        ("churn", {"learning_curves.png", "confusion_matrix.png", "roc.png"}),
+        ("prices", {"learning_curves.png", "residuals.png"}),
+    ],
+)
+def test_the_output_has_a_readable_report_with_its_plots(request, case, plots):
+    from PIL import Image
+
+    trained = request.getfixturevalue(case)
+    output = trained.output_dir
+    page = (output / "report.html").read_text()
+    summary = trained.evaluation()["conveyor"]
+    # The first thing a person reads: how good the model is, against the baseline, in words.
+    assert "held-out test rows" in page and summary["baseline_name"] in page
+    assert f"{summary['value']:.4f}" in page
+    for name in plots:
+        image = Image.open(output / name)
+        assert image.format == "PNG" and image.size[0] >= 400
+        assert f'src="{name}"' in page
+        # Something was drawn, not a blank canvas.
+        assert len(set(image.convert("L").getdata())) > 5, name
+    assert {path.name for path in output.glob("*.png")} == plots
+
+
+def test_the_roc_curve_is_a_staircase_from_the_corner_to_the_corner(training_modules):
+    report = training_modules("report")
+    fpr, tpr = report.roc_curve(np.array([0.9, 0.8, 0.4, 0.1]), np.array([True, False, True, False]))
+    assert list(fpr) == [0, 0, 0.5, 0.5, 1] and list(tpr) == [0, 0.5, 0.5, 1, 1]
