@@ -122,6 +122,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             flush=True,
         )
         _show_predictions(target, upload.dataset, result)
+        try:
+            reports = args.outputs_file.parent / "reports"
+            report = client.fetch_report(target, upload.dataset, result.get("version"), reports)
+            print(f"    the model's report, with its plots: {report.resolve().as_uri()}", flush=True)
+        except ConveyorError as error:  # the model serves; a missing report is worth a line, no more
+            print(f"    (no report: {error})", flush=True)
     print(f"done in {time.monotonic() - started:.0f} s", flush=True)
     return 0
 
@@ -238,6 +244,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    report = client.fetch_report(_target(args), args.dataset, args.version, args.output)
+    print(f"{report.resolve().as_uri()}  (report.html, its plots, evaluation.json and history.json)")
+    return 0
+
+
 # ---------------------------------------------------------------------------- doctor
 def cmd_doctor(args: argparse.Namespace) -> int:
     from conveyor import doctor
@@ -329,6 +341,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--json", help="rows inline: '[{\"column\": value}]'")
     predict.add_argument("--limit", type=int, default=100, help="at most this many CSV rows")
     predict.set_defaults(func=cmd_predict)
+
+    report = commands.add_parser(
+        "report", parents=[common], help="download a model's training report (HTML and plots) to open locally"
+    )
+    report.add_argument("dataset")
+    report.add_argument("--version", help="the data version (default: the newest trained one)")
+    report.add_argument(
+        "--output", type=Path, default=Path(".conveyor/reports"), help="where (default: %(default)s)"
+    )
+    report.set_defaults(func=cmd_report)
 
     doctor = commands.add_parser(
         "doctor",

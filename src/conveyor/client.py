@@ -213,6 +213,63 @@ def approve(target: Target, dataset: str, version: str | None = None, note: str 
     return Approval(slug, metadata.get("version", ""), package["ModelPackageArn"], deploying)
 
 
+REPORT_FILES = (".html", ".png", ".json")
+
+
+def fetch_report(target: Target, dataset: str, version: str | None, destination: Path) -> Path:
+    """Download the training report of `dataset` (its `version`, else the newest training job) from the job's
+    output.tar.gz into `destination`/<dataset>/<version>/; the path of its report.html."""
+    import io
+    import tarfile
+
+    make_functions_importable()
+    from common.naming import slugify
+
+    slug = slugify(dataset)
+    sagemaker = target.client("sagemaker")
+    if version is None:
+        jobs = sagemaker.list_training_jobs(
+            NameContains=f"{slug}-", SortBy="CreationTime", SortOrder="Descending", StatusEquals="Completed"
+        )["TrainingJobSummaries"]
+        jobs = [j for j in jobs if j["TrainingJobName"].startswith(f"{slug}-")]
+        if not jobs:
+            raise ConveyorError(f"no completed training job of {dataset!r}: upload it first")
+        job_name = jobs[0]["TrainingJobName"]
+        version = job_name[len(slug) + 1 :]
+    else:
+        job_name = f"{slug}-{version}"[:63]
+    try:
+        job = sagemaker.describe_training_job(TrainingJobName=job_name)
+    except ClientError as error:
+        raise ConveyorError(f"no training job {job_name} ({error.response['Error']['Message']})") from None
+    if job["TrainingJobStatus"] != "Completed":
+        raise ConveyorError(
+            f"training job {job_name} is {job['TrainingJobStatus']}: {job.get('FailureReason', '')}"
+        )
+    model_uri = job["ModelArtifacts"]["S3ModelArtifacts"]
+    bucket, key = model_uri.removeprefix("s3://").split("/", 1)
+    output_key = key.rsplit("/", 1)[0] + "/output.tar.gz"
+    try:
+        body = target.client("s3").get_object(Bucket=bucket, Key=output_key)["Body"].read()
+    except ClientError as error:
+        raise ConveyorError(f"cannot read s3://{bucket}/{output_key}: {error}") from None
+    folder = destination / slug / version
+    folder.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(body), mode="r:gz") as archive:
+        for member in archive.getmembers():
+            name = Path(member.name).name
+            if member.isfile() and name.endswith(REPORT_FILES):
+                handle = archive.extractfile(member)
+                if handle is not None:
+                    (folder / name).write_bytes(handle.read())
+    report = folder / "report.html"
+    if not report.exists():
+        raise ConveyorError(
+            f"s3://{bucket}/{output_key} has no report.html (trained before reports existed?)"
+        )
+    return report
+
+
 def follow_execution(target: Target, execution_arn: str, timeout: float = 1800) -> dict[str, Any]:
     """Wait for an execution to exist and finish; its status and output."""
     sfn = target.client("stepfunctions")

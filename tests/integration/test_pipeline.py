@@ -558,3 +558,24 @@ def test_a_volume_key_on_an_instance_with_local_storage_is_refused_as_sagemaker_
             },
             StoppingCondition={"MaxRuntimeInSeconds": 60},
         )
+
+
+def test_conveyor_report_downloads_the_training_report_with_its_plots(cloud, outputs_file, tmp_path, capsys):
+    from conveyor import cli
+
+    # sea-creatures trained in the first test of this module: its newest version, as a user would ask.
+    assert (
+        cli.main(["report", "Sea Creatures", "--outputs-file", str(outputs_file), "--output", str(tmp_path)])
+        == 0
+    )
+    (folder,) = (tmp_path / "sea-creatures").iterdir()
+    assert {p.name for p in folder.iterdir()} >= {
+        "report.html",
+        "learning_curves.png",
+        "confusion_matrix.png",
+        "evaluation.json",
+        "history.json",
+    }
+    assert (folder / "report.html").as_uri() in capsys.readouterr().out
+    assert "held-out test rows" in (folder / "report.html").read_text()
+    assert cli.main(["report", "never-uploaded", "--outputs-file", str(outputs_file)]) != 0
