@@ -162,8 +162,12 @@ class LocalCloud:
         )
 
     def client(self, service: str) -> Any:
+        # Patient, as SageMaker's own agents are with S3: a job's uploads survive an endpoint that is down
+        # for a few seconds (up to about 20 s of backoff in all).
         return self.session().client(
-            service, endpoint_url=self.endpoint_url, config=Config(retries={"mode": "standard"})
+            service,
+            endpoint_url=self.endpoint_url,
+            config=Config(retries={"mode": "standard", "max_attempts": 10}),
         )
 
     def client_factory(self, service: str) -> Any:

@@ -444,6 +444,9 @@ class _TlsHttpServer(http.server.ThreadingHTTPServer):
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in separate writes: with Nagle's algorithm a kept-alive client's next request
+    # waits for a delayed ACK (about 40 ms) before the answer's body leaves.
+    disable_nagle_algorithm = True
     server: _TlsHttpServer
     server_version = "conveyor-local-apigateway"
     sys_version = ""

@@ -44,6 +44,7 @@ from moto.sagemaker import responses as sagemaker_responses
 from moto.sagemaker.exceptions import ValidationError
 from moto.sagemakerruntime import responses as runtime_responses
 
+from conveyor.local.jobs import environ_copy
 from conveyor.local.training import split_s3
 
 log = logging.getLogger("localcloud.hosting")
@@ -323,6 +324,9 @@ class HostingAdapter:
                 stdout=log_file,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                # One intra-op thread: a request's batch is small, and idle OpenMP workers spin between
+                # requests, taking a core from everything else on a laptop.
+                env={**environ_copy(), "OMP_NUM_THREADS": "1"},
             )
         return process, port
 

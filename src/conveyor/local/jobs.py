@@ -29,6 +29,16 @@ LOCAL_STORAGE_FAMILIES = frozenset(
 )
 
 
+def environ_copy() -> dict[str, str]:
+    """A copy of `os.environ` for a subprocess, safe while the in-process Lambda runtime changes it from
+    another thread (copying iterates the keys, then looks each up: one removed in between raises)."""
+    while True:
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):  # changed while being copied: copy again
+            continue
+
+
 def volume_key_refusal(instance_type: str, volume_key: str | None) -> str | None:
     """SageMaker's reason to refuse a request that puts `volume_key` on `instance_type`, or None."""
     parts = instance_type.split(".")

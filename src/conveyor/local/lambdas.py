@@ -60,11 +60,12 @@ class LambdaRuntime:
     """Runs registered functions in-process.
 
     One invocation at a time: handlers read settings from `os.environ`, which is per process, so the
-    function's environment is put in place for exactly the duration of its call.
+    function's environment is put in place for its call (`_FunctionEnvironment`).
     """
 
     def __init__(self, base_environment: dict[str, str], region: str, account_id: str) -> None:
         self._functions: dict[str, FunctionSpec] = {}
+        self._environment = _FunctionEnvironment()
         self._base = base_environment
         self._region = region
         self._account = account_id
@@ -99,6 +100,8 @@ class LambdaRuntime:
         if self._original is not None:
             lambda_models.LambdaFunction._invoke_lambda = self._original  # type: ignore[method-assign]
             self._original = None
+        with self._lock:
+            self._environment.restore()
 
     def invoke(self, name: str, event: dict[str, Any]) -> tuple[Any, bool]:
         """Call the function's handler; returns (payload, errored) like the Invoke API."""
@@ -114,7 +117,8 @@ class LambdaRuntime:
             "AWS_DEFAULT_REGION": self._region,
             "_HANDLER": spec.handler,
         }
-        with self._lock, _environment(environment):
+        with self._lock:
+            self._environment.switch_to(environment)
             started = time.monotonic()
             try:
                 module_name, function_name = spec.handler.rsplit(".", 1)
@@ -133,22 +137,40 @@ class LambdaRuntime:
         return result, errored
 
 
-class _environment:
-    def __init__(self, values: dict[str, str]) -> None:
-        self._values = values
-        self._saved: dict[str, str | None] = {}
+class _FunctionEnvironment:
+    """Puts a function's environment in `os.environ` for its invocation, without removing keys on every call.
 
-    def __enter__(self) -> None:
-        for key, value in self._values.items():
-            self._saved[key] = os.environ.get(key)
-            os.environ[key] = value
+    Other threads (the emulator's, the job adapters') copy `os.environ`, which iterates its keys and then
+    looks each one up: a key removed in between raises KeyError in that thread. Under API load the proxy runs
+    dozens of times a second, so its variables are set once and left in place; a variable is removed (or
+    given back its value from before local mode) only when a function that does not have it runs next, and
+    all of them when the runtime is uninstalled. Callers hold the runtime's lock.
+    """
 
-    def __exit__(self, *exc: object) -> None:
-        for key, value in self._saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
+    def __init__(self) -> None:
+        self._current: set[str] = set()
+        self._before: dict[str, str | None] = {}  # each key's value before any function set it
+
+    def switch_to(self, values: dict[str, str]) -> None:
+        for key in self._current - values.keys():
+            self._put_back(key)
+        for key, value in values.items():
+            self._before.setdefault(key, os.environ.get(key))
+            if os.environ.get(key) != value:
                 os.environ[key] = value
+        self._current = set(values)
+
+    def restore(self) -> None:
+        for key in list(self._before):
+            self._put_back(key)
+        self._current.clear()
+
+    def _put_back(self, key: str) -> None:
+        value = self._before.pop(key, None)
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 class SqsEventSource:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from moto.sagemaker import models as sagemaker_models
 from moto.sagemaker import responses as sagemaker_responses
 from moto.sagemaker.exceptions import ResourceInUseException, ValidationError
 
-from conveyor.local.jobs import JobRunner, encryption_args, terminate, volume_key_refusal
+from conveyor.local.jobs import JobRunner, encryption_args, environ_copy, terminate, volume_key_refusal
 from conveyor.local.training import split_s3
 
 log = logging.getLogger("localcloud.processing")
@@ -202,7 +201,7 @@ class ProcessingAdapter(JobRunner):
         if PurePosixPath(command[0]).name in ("python", "python3") or command[0].startswith("python3."):
             command[0] = self._python
         environment = {
-            **os.environ,
+            **environ_copy(),
             **{key: local(value) for key, value in request["Environment"].items()},
             "CONVEYOR_OPT_ML": str(opt_ml),
         }

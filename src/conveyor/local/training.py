@@ -36,7 +36,7 @@ from moto.sagemaker import models as sagemaker_models
 from moto.sagemaker import responses as sagemaker_responses
 from moto.sagemaker.exceptions import ResourceInUseException, ValidationError
 
-from conveyor.local.jobs import JobRunner, encryption_args, terminate, volume_key_refusal
+from conveyor.local.jobs import JobRunner, encryption_args, environ_copy, terminate, volume_key_refusal
 
 log = logging.getLogger("localcloud.training")
 HOST = "algo-1"
@@ -212,7 +212,7 @@ class TrainingAdapter(JobRunner):
         user_hps = {k: v for k, v in hyperparameters.items() if not k.startswith("sagemaker_")}
         arguments = [item for k, v in user_hps.items() for item in (f"--{k}", str(v))]
         environment = {
-            **os.environ,
+            **environ_copy(),
             "PYTHONUNBUFFERED": "1",
             "TRAINING_JOB_NAME": name,
             "SM_MODEL_DIR": str(model),
