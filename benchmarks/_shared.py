@@ -1,11 +1,15 @@
-"""What every benchmark records about the machine it ran on (the scripts import it from their own folder)."""
+"""What every benchmark records about the machine it ran on, and how it writes its results (the scripts import
+this from their own folder)."""
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import importlib.metadata
+import json
 import os
 import platform
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,3 +43,14 @@ def machine(packages: Sequence[str] = ()) -> dict[str, Any]:
         "platform": platform.platform(),
         **versions,
     }
+
+
+def write_results(report: dict[str, Any], started: float, output_dir: Path, name: str, render: Any) -> None:
+    """Stamp the end of a run on `report` (load average, time, duration since `started`, a perf_counter) and
+    write `<name>.json` and `<name>.md` (`render(report)`) into `output_dir`."""
+    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    report["total_seconds"] = round(time.perf_counter() - started, 1)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / f"{name}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    (output_dir / f"{name}.md").write_text(render(report))

@@ -517,13 +517,7 @@ def run_benchmark(repeats: int, sample: Path, output_dir: Path, quick: bool) -> 
     figure = results["figures"]["end_to_end_vs_training"]
     missed = [] if figure["met"] else ["end_to_end_vs_training"]
     report["summary"] = {"missed": missed, "all_goals_met": not missed}
-    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    report["total_seconds"] = round(time.perf_counter() - started, 1)
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "end_to_end.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    (output_dir / "end_to_end.md").write_text(markdown(report))
+    _shared.write_results(report, started, output_dir, "end_to_end", markdown)
     return report
 
 

@@ -714,13 +714,7 @@ def run_benchmark(
         if e["built"] and not e["figures"]["unzipped_mib"]["met"]
     ]
     report["summary"] = {"missed": missed, "all_goals_met": not missed}
-    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    report["total_seconds"] = round(time.perf_counter() - started, 1)
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "lambda.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    (output_dir / "lambda.md").write_text(markdown(report))
+    _shared.write_results(report, started, output_dir, "lambda", markdown)
     return report
 
 

@@ -907,12 +907,7 @@ def run_benchmark(args: argparse.Namespace, output_dir: Path) -> dict[str, Any]:
     if code_version()["digest"] != report["code"]["digest"]:
         progress("warning: the pipeline's code changed during the run")
         report["code"]["changed_during_run"] = True
-    report["machine"]["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["finished_at"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    report["total_seconds"] = round(time.perf_counter() - started, 1)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "load.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    (output_dir / "load.md").write_text(markdown(report))
+    _shared.write_results(report, started, output_dir, "load", markdown)
     return report
 
 
