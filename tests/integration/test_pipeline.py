@@ -519,7 +519,7 @@ def test_the_stack_key_encrypts_the_data_and_what_sagemaker_writes(cloud):
             "KMSMasterKeyID": key_arn,
         }
         assert rule["BucketKeyEnabled"] is True
-    for url in sqs.list_queues()["QueueUrls"]:
+    for url in (queue.attributes["Ref"] for queue in cloud.stack.of_type("AWS::SQS::Queue")):
         assert (
             sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]["KmsMasterKeyId"]
             == key_arn

@@ -269,7 +269,7 @@ def test_sse_s3_mode_sends_sagemaker_no_key_and_stores_with_s3_managed_keys(clou
             "Rules"
         ]
         assert rule["ApplyServerSideEncryptionByDefault"] == {"SSEAlgorithm": "AES256"}
-    for url in sqs.list_queues()["QueueUrls"]:
+    for url in (queue.attributes["Ref"] for queue in cloud.stack.of_type("AWS::SQS::Queue")):
         attributes = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"])["Attributes"]
         assert "KmsMasterKeyId" not in attributes and attributes["SqsManagedSseEnabled"] == "true"
     assert (
