@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import importlib.metadata
 import json
 import os
 import platform
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -54,3 +56,25 @@ def write_results(report: dict[str, Any], started: float, output_dir: Path, name
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / f"{name}.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     (output_dir / f"{name}.md").write_text(render(report))
+
+
+def code_identity(root: Path, files: Sequence[Path], pathspecs: Sequence[str]) -> dict[str, Any]:
+    """Which conveyor was measured: the commit, a digest of `files` (paths and contents), and the files
+    under `pathspecs` with uncommitted changes."""
+    digests = {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    digest = hashlib.sha256("".join(f"{n}\0{h}\0" for n, h in sorted(digests.items())).encode()).hexdigest()
+    git = ["git", "-C", str(root)]
+    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        [*git, "status", "--porcelain", "--", *pathspecs], capture_output=True, text=True
+    ).stdout
+    return {
+        "commit": commit or None,
+        "digest": digest,
+        "uncommitted_changes": sorted(line[3:] for line in dirty.splitlines() if line.strip()),
+    }
+
+
+def mark(figure: dict[str, Any], text: str) -> str:
+    """A figure's text with its verdict: met, or missed in bold."""
+    return f"{text} ✅ met" if figure["met"] else f"**{text} ❌ missed**"

@@ -317,22 +317,7 @@ def code_version() -> dict[str, Any]:
         files += [path] if path.is_file() else sorted(p for p in path.rglob("*.py") if p.is_file())
         if path.is_dir():
             files += sorted(p for p in path.rglob("*.json") if p.is_file())
-    digests = {str(p.relative_to(ROOT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-    digest = hashlib.sha256("".join(f"{n}\0{h}\0" for n, h in sorted(digests.items())).encode()).hexdigest()
-    git = ["git", "-C", str(ROOT)]
-    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(
-        [*git, "status", "--porcelain", "--", *MEASURED_FILES], capture_output=True, text=True
-    ).stdout
-    return {
-        "commit": commit or None,
-        "digest": digest,
-        "uncommitted_changes": sorted(line[3:] for line in dirty.splitlines() if line.strip()),
-    }
-
-
-def _mark(figure: dict[str, Any], text: str) -> str:
-    return f"{text} ✅ met" if figure["met"] else f"**{text} ❌ missed**"
+    return _shared.code_identity(ROOT, files, MEASURED_FILES)
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -380,7 +365,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"| starting the local stack (not part of end to end) | {median['stack_start_seconds']:.2f} |",
         "",
         f"End to end ÷ training alone (goal ≤ {GOAL_VS_TRAINING:g}x): "
-        f"{_mark(figure, format(figure['value'], '.2f') + 'x')} (the repeats' ratios: "
+        f"{_shared.mark(figure, format(figure['value'], '.2f') + 'x')} (the repeats' ratios: "
         + ", ".join(format(r, ".2f") for r in results["pair_ratios"])
         + f"). End to end ÷ the training job's own duration: {job_ratio['value']:.2f}x. "
         + (

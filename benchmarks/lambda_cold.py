@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import hashlib
 import importlib.util
 import json
 import os
@@ -520,22 +519,7 @@ def code_version() -> dict[str, Any]:
         p for p in FUNCTIONS.rglob("*") if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc"
     )
     measured.append(ROOT / "template.yaml")
-    files = {str(p.relative_to(ROOT)): hashlib.sha256(p.read_bytes()).hexdigest() for p in measured}
-    digest = hashlib.sha256("".join(f"{n}\0{h}\0" for n, h in files.items()).encode()).hexdigest()
-    git = ["git", "-C", str(ROOT)]
-    commit = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run(
-        [*git, "status", "--porcelain", "--", "functions", "template.yaml"], capture_output=True, text=True
-    ).stdout
-    return {
-        "commit": commit or None,
-        "digest": digest,
-        "uncommitted_changes": sorted(line[3:] for line in dirty.splitlines() if line.strip()),
-    }
-
-
-def _mark(figure: dict[str, Any], text: str) -> str:
-    return f"{text} ✅ met" if figure["met"] else f"**{text} ❌ missed**"
+    return _shared.code_identity(ROOT, measured, ("functions", "template.yaml"))
 
 
 def _profile_text(profile: dict[str, Any], top: int = 4) -> str:
@@ -600,7 +584,7 @@ def markdown(report: dict[str, Any]) -> str:
                 f"| {entry['function']} | `{entry['module']}` | {entry['median']['boto3_ms']:.0f} "
                 f"| {entry['median']['handler_ms']:.0f} "
                 f"| {entry['modules_loaded']['boto3']} / {entry['modules_loaded']['handler']} "
-                f"| {_mark(figure, format(figure['value'], '.2f') + 'x')} "
+                f"| {_shared.mark(figure, format(figure['value'], '.2f') + 'x')} "
                 f"| {_profile_text(entry['import_profile'])} |"
             )
         lines.append("")
@@ -650,7 +634,7 @@ def markdown(report: dict[str, Any]) -> str:
             figure = entry["figures"]["unzipped_mib"]
             differs = entry["code_differs_from_source"]
             lines.append(
-                f"| {entry['function']} | {_mark(figure, format(entry['mib'], '.1f'))} | {entry['files']:,} "
+                f"| {entry['function']} | {_shared.mark(figure, format(entry['mib'], '.1f'))} | {entry['files']:,} "
                 f"| {', '.join(f'{n} {s:.1f}' for n, s in entry['largest'])} "
                 f"| {'yes' if not differs else '**no**: ' + ', '.join(differs[:5]) + (' ...' if len(differs) > 5 else '')} |"
             )
