@@ -26,6 +26,12 @@ _INTEGER = re.compile(r"^[+-]?\d+$")
 # The contract's tokeniser (docs/contracts.md, section 2): Unicode word characters of the lower-cased text.
 _TOKEN = re.compile(r"\w+")
 FEATURE_TYPES = ("numeric", "categorical", "text")
+# How text features reach the network: counts of vocabulary tokens (the tabular recipe's MLP), or each
+# value's token ids in order (the text recipe's sequence encoder).
+TEXT_ENCODINGS = ("bag_of_words", "sequence")
+# Token ids of the sequence encoding: 0 pads a value to the sequence length, 1 is any token outside the
+# vocabulary, and the vocabulary's tokens follow from 2 in the manifest's order.
+PAD_ID, OTHER_ID, FIRST_TOKEN_ID = 0, 1, 2
 
 
 class DataError(ValueError):
@@ -225,16 +231,22 @@ def _header_layout(
 
 
 class Encoder:
-    """Rows to model inputs and targets: standardised numbers, one-hot categories, bags of words, classes.
+    """Rows to model inputs and targets: standardised numbers, one-hot categories, text, classes.
 
     A numeric feature becomes ``(x - mean) / std`` with the train statistics of the manifest, and 0 (the
     mean) when missing. A categorical feature becomes a one-hot over its manifest categories plus one slot
-    for anything else, missing included. A text feature becomes a bag of words: one slot per vocabulary
-    token plus one for all other tokens, each holding ``log1p(count)`` of its token in the value (see
-    `tokenize`); a missing value is all zeros. The logarithm keeps a word repeated in a long review from
-    outweighing the rest, and a value's slots stay on the scale of the one-hot and standardised inputs
-    beside them. The target becomes a class index, or for regression a value standardised with the train
-    mean and standard deviation.
+    for anything else, missing included. The target becomes a class index, or for regression a value
+    standardised with the train mean and standard deviation.
+
+    A text feature is encoded one of two ways (`text_encoding`):
+
+    - ``bag_of_words``: one slot per vocabulary token plus one for all other tokens, each holding
+      ``log1p(count)`` of its token in the value (see `tokenize`); a missing value is all zeros. The
+      logarithm keeps a word repeated in a long review from outweighing the rest, and a value's slots stay
+      on the scale of the one-hot and standardised inputs beside them.
+    - ``sequence``: the value's first `sequence_length` tokens as ids (`PAD_ID`, `OTHER_ID`,
+      `FIRST_TOKEN_ID` onwards in vocabulary order), padded with `PAD_ID`; a missing value is all padding.
+      These form a second input beside the other features' matrix (`encode_inputs`).
     """
 
     def __init__(
@@ -246,9 +258,19 @@ class Encoder:
         labels: Sequence[Any] = (),
         target_mean: float = 0.0,
         target_std: float = 1.0,
+        text_encoding: str = "bag_of_words",
+        sequence_length: int = 0,
     ) -> None:
         if task not in TASKS:
             raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
+        if text_encoding not in TEXT_ENCODINGS:
+            raise ValueError(f"text_encoding {text_encoding!r} is not one of {', '.join(TEXT_ENCODINGS)}")
+        if text_encoding == "sequence" and sequence_length < 1:
+            raise ValueError(
+                f"the sequence encoding needs a sequence_length of at least 1, not {sequence_length}"
+            )
+        self.text_encoding = text_encoding
+        self.sequence_length = int(sequence_length) if text_encoding == "sequence" else 0
         self.task = task
         self.target = target
         self.features = [dict(f) for f in features]
@@ -284,6 +306,8 @@ class Encoder:
         manifest: Mapping[str, Any],
         train_target: Sequence[str] = (),
         max_vocabulary: int | None = None,
+        text_encoding: str = "bag_of_words",
+        sequence_length: int = 0,
     ) -> Encoder:
         """Build the encoder from a manifest (contract section 2).
 
@@ -297,6 +321,8 @@ class Encoder:
         max_vocabulary
             Keep at most this many tokens of each text feature's vocabulary (the most frequent, as the
             manifest lists them first); None keeps them all.
+        text_encoding, sequence_length
+            How text features are encoded (see the class).
 
         Returns
         -------
@@ -335,9 +361,14 @@ class Encoder:
                         "categories": [str(c) for c in stats["categories"]],
                     }
                 )
+        text = {"text_encoding": text_encoding, "sequence_length": sequence_length}
         if manifest["task"] == "classification":
             return cls(
-                task="classification", target=manifest["target"], features=features, labels=manifest["labels"]
+                task="classification",
+                target=manifest["target"],
+                features=features,
+                labels=manifest["labels"],
+                **text,
             )
         std: Any
         if train_target:
@@ -351,6 +382,7 @@ class Encoder:
             features=features,
             target_mean=mean,
             target_std=_usable_std(std),
+            **text,
         )
 
     @classmethod
@@ -364,16 +396,22 @@ class Encoder:
             labels=config.get("labels", ()),
             target_mean=scale.get("mean", 0.0),
             target_std=scale.get("std", 1.0),
+            text_encoding=config.get("text_encoding", "bag_of_words"),
+            sequence_length=config.get("sequence_length", 0),
         )
 
     def to_config(self) -> dict[str, Any]:
-        """The encoder as JSON-ready values: task, target, labels or target_scale, features."""
+        """The encoder as JSON-ready values: task, target, labels or target_scale, features, and the text
+        encoding when it is not the bag of words."""
         config: dict[str, Any] = {"task": self.task, "target": self.target}
         if self.task == "classification":
             config["labels"] = self.labels
         else:
             config["target_scale"] = {"mean": self.target_mean, "std": self.target_std}
         config["features"] = self.features
+        if self.text_encoding == "sequence":
+            config["text_encoding"] = self.text_encoding
+            config["sequence_length"] = self.sequence_length
         return config
 
     @property
@@ -382,12 +420,23 @@ class Encoder:
         return [f["name"] for f in self.features]
 
     @property
+    def sequences(self) -> list[dict[str, Any]]:
+        """The text features encoded as token id sequences (none with the bag of words)."""
+        return [f for f in self.features if f["type"] == "text" and self.text_encoding == "sequence"]
+
+    @property
     def width(self) -> int:
-        """How many model inputs the features encode to."""
+        """How many columns the matrix of `encode` has (text features encoded as sequences are not in it)."""
         return sum(
             1 if f["type"] == "numeric" else len(slots) + 1
             for f, slots in zip(self.features, self._slots, strict=True)
+            if not (f["type"] == "text" and self.text_encoding == "sequence")
         )
+
+    @property
+    def row_bytes(self) -> int:
+        """Memory one encoded row takes: its float32 matrix row and its int32 token ids."""
+        return 4 * (self.width + len(self.sequences) * self.sequence_length)
 
     @property
     def output_width(self) -> int:
@@ -422,6 +471,8 @@ class Encoder:
                 matrix[:, offset] = np.nan_to_num(scaled, nan=0.0)
                 offset += 1
             elif feature["type"] == "text":
+                if self.text_encoding == "sequence":
+                    continue  # in `encode_sequences`
                 _add_bag_of_words(matrix, offset, values, index, rows)
                 offset += len(index) + 1
             else:
@@ -433,7 +484,34 @@ class Encoder:
                 offset += other + 1
         return matrix
 
-    def encode_instances(self, instances: Sequence[Any]) -> np.ndarray:
+    def encode_sequences(self, columns: Mapping[str, Sequence[Any]], rows: int) -> np.ndarray:
+        """Token ids of the text features encoded as sequences.
+
+        Returns
+        -------
+        numpy.ndarray
+            int32, ``rows`` by ``len(sequences)`` by `sequence_length`: each value's first tokens, padded.
+        """
+        ids = np.zeros((rows, len(self.sequences), self.sequence_length), dtype=np.int32)
+        for position, feature in enumerate(self.sequences):
+            index = self._slots[self.features.index(feature)]
+            for row, value in enumerate(columns[feature["name"]]):
+                if is_missing(value):
+                    continue
+                tokens = tokenize(value)[: self.sequence_length]
+                ids[row, position, : len(tokens)] = [
+                    FIRST_TOKEN_ID + index[t] if t in index else OTHER_ID for t in tokens
+                ]
+        return ids
+
+    def encode_inputs(self, columns: Mapping[str, Sequence[Any]], rows: int) -> tuple[np.ndarray, ...]:
+        """Everything the network takes, in the order of its ``forward`` arguments: the matrix of `encode`,
+        then the token ids of `encode_sequences` when text is encoded as sequences."""
+        if self.sequences:
+            return self.encode(columns, rows), self.encode_sequences(columns, rows)
+        return (self.encode(columns, rows),)
+
+    def encode_instances(self, instances: Sequence[Any]) -> tuple[np.ndarray, ...]:
         """Check and encode request rows (contract section 4).
 
         Parameters
@@ -444,8 +522,8 @@ class Encoder:
 
         Returns
         -------
-        numpy.ndarray
-            As `encode`.
+        tuple of numpy.ndarray
+            As `encode_inputs`.
 
         Raises
         ------
@@ -479,7 +557,7 @@ class Encoder:
                         f"instance {i}: column {name!r} must be a string or a number, got {_json_kind(value)}"
                     )
                 columns[name].append(value)
-        return self.encode(columns, len(instances))
+        return self.encode_inputs(columns, len(instances))
 
     def encode_target(self, values: Sequence[str]) -> np.ndarray:
         """Class indices (int64) or standardised values (float32) from the target's strings.

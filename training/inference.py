@@ -89,7 +89,7 @@ def model_fn(model_dir: str) -> LoadedModel:
     return _loaded
 
 
-def input_fn(request_body: bytes | str, request_content_type: str = JSON_TYPE) -> np.ndarray:
+def input_fn(request_body: bytes | str, request_content_type: str = JSON_TYPE) -> tuple[np.ndarray, ...]:
     """Check a JSON request and encode its instances.
 
     Parameters
@@ -102,8 +102,8 @@ def input_fn(request_body: bytes | str, request_content_type: str = JSON_TYPE) -
 
     Returns
     -------
-    numpy.ndarray
-        The encoded rows, float32.
+    tuple of numpy.ndarray
+        The encoded rows: the feature matrix (float32), and the token ids (int32) of a text model.
 
     Raises
     ------
@@ -134,13 +134,13 @@ def input_fn(request_body: bytes | str, request_content_type: str = JSON_TYPE) -
         raise InvalidInput(str(exc)) from None
 
 
-def predict_fn(data: np.ndarray, model: LoadedModel) -> list[dict[str, Any]]:
+def predict_fn(data: tuple[np.ndarray, ...] | np.ndarray, model: LoadedModel) -> list[dict[str, Any]]:
     """Run the network on encoded rows.
 
     Parameters
     ----------
     data
-        From `input_fn`.
+        From `input_fn` (a single array is the feature matrix).
     model
         From `model_fn`.
 
@@ -150,12 +150,12 @@ def predict_fn(data: np.ndarray, model: LoadedModel) -> list[dict[str, Any]]:
         Per row ``{"label": <label>, "probabilities": {"<label>": p, ...}}`` (the label as the manifest's
         JSON value: an integer or a string) or ``{"value": <number>}``.
     """
-    features = torch.as_tensor(np.asarray(data, dtype=np.float32))
+    inputs = [torch.as_tensor(a) for a in (data if isinstance(data, tuple) else (data,))]
     with torch.inference_mode():
         outputs = torch.cat(
             [
-                model.network(features[i : i + PREDICT_BATCH_ROWS].to(model.device)).float().cpu()
-                for i in range(0, len(features), PREDICT_BATCH_ROWS)
+                model.network(*(x[i : i + PREDICT_BATCH_ROWS].to(model.device) for x in inputs)).float().cpu()
+                for i in range(0, len(inputs[0]), PREDICT_BATCH_ROWS)
             ]
         )
     encoder = model.encoder

@@ -1,4 +1,8 @@
-"""The network conveyor trains on tabular data, and the factory that rebuilds it from ``model_config.json``.
+"""The networks conveyor trains, and the factory that rebuilds one from ``model_config.json``.
+
+- `TabularMLP` (the tabular recipe): numbers, one-hot categories and bags of words in one matrix.
+- `TextBiLSTM` (the text recipe): each text feature's tokens in order, read by a bidirectional LSTM, beside
+  the other features' matrix.
 
 Shipped with the model (``code/model.py``): `inference.py` rebuilds the network from the saved architecture.
 """
@@ -10,8 +14,9 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-ARCHITECTURES = ("tabular_mlp",)
+ARCHITECTURES = ("tabular_mlp", "text_bilstm")
 
 
 class TabularMLP(nn.Module):
@@ -67,13 +72,107 @@ class TabularMLP(nn.Module):
         }
 
 
+class TextBiLSTM(nn.Module):
+    """A text classifier or regressor: embeddings and a bidirectional LSTM per text feature.
+
+    Each text feature's token ids (padding 0, unknown 1, vocabulary from 2: see ``data.Encoder``) are
+    embedded and read in both directions; the mean and the maximum of the LSTM's states over the value's
+    tokens summarise it. The summaries and the other features' encoded matrix go through a `TabularMLP`
+    head. Word order counts: "not good" and "good, not bad" read differently, which a bag of words cannot
+    tell apart.
+
+    Parameters
+    ----------
+    in_features
+        Width of the other features' matrix (0 when text is all there is).
+    out_features
+        One logit per class for classification, 1 for regression.
+    vocabulary_sizes
+        Each text feature's vocabulary size (without the padding and unknown ids).
+    embedding_dim
+        Width of a token's embedding.
+    sequence_units
+        LSTM units per direction.
+    hidden_units, dropout
+        The head's hidden layers and dropout; dropout also applies to the embeddings.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        vocabulary_sizes: Sequence[int],
+        embedding_dim: int = 64,
+        sequence_units: int = 64,
+        hidden_units: Sequence[int] = (128, 64),
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.vocabulary_sizes = [int(v) for v in vocabulary_sizes]
+        self.embedding_dim = embedding_dim
+        self.sequence_units = sequence_units
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(size + 2, embedding_dim, padding_idx=0) for size in self.vocabulary_sizes
+        )
+        self.readers = nn.ModuleList(
+            nn.LSTM(embedding_dim, sequence_units, batch_first=True, bidirectional=True)
+            for _ in self.vocabulary_sizes
+        )
+        self.embedding_dropout = nn.Dropout(dropout)
+        summary = 2 * 2 * sequence_units  # mean and max of both directions' states
+        self.head = TabularMLP(
+            in_features + summary * len(self.vocabulary_sizes), out_features, hidden_units, dropout
+        )
+
+    def forward(self, features: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits or the standardised value from the matrix (rows x in_features) and the token ids
+        (rows x text features x sequence length)."""
+        parts = [features]
+        for position, (embedding, reader) in enumerate(zip(self.embeddings, self.readers, strict=True)):
+            ids = tokens[:, position].long()
+            present = ids != 0
+            lengths = present.sum(dim=1)
+            # The batch's longest value sets the steps the LSTM takes, not the padded sequence length.
+            longest = max(1, int(lengths.max())) if len(ids) else 1
+            ids, present = ids[:, :longest], present[:, :longest].unsqueeze(2)
+            packed = pack_padded_sequence(
+                self.embedding_dropout(embedding(ids)),
+                lengths.clamp(min=1).cpu(),  # a missing value reads one padding token, then is masked out
+                batch_first=True,
+                enforce_sorted=False,
+            )
+            states, _ = pad_packed_sequence(reader(packed)[0], batch_first=True, total_length=longest)
+            counted = present.sum(dim=1).clamp(min=1)
+            mean = (states * present).sum(dim=1) / counted
+            highest = states.masked_fill(~present, -torch.inf).amax(dim=1)
+            parts += [mean, torch.where(lengths.unsqueeze(1) > 0, highest, torch.zeros_like(highest))]
+        return self.head(torch.cat(parts, dim=1))
+
+    def architecture(self) -> dict[str, Any]:
+        """What `build_model` needs to rebuild this network (saved in ``model_config.json``)."""
+        return {
+            "name": "text_bilstm",
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "vocabulary_sizes": self.vocabulary_sizes,
+            "embedding_dim": self.embedding_dim,
+            "sequence_units": self.sequence_units,
+            "hidden_units": self.head.hidden_units,
+            "dropout": self.head.dropout,
+        }
+
+
 def build_model(architecture: Mapping[str, Any]) -> nn.Module:
     """Build the network an ``architecture`` block of ``model_config.json`` describes.
 
     Parameters
     ----------
     architecture
-        ``{"name": "tabular_mlp", "in_features", "out_features", "hidden_units", "dropout"}``.
+        What the network's ``architecture()`` returned: ``{"name": "tabular_mlp", "in_features",
+        "out_features", "hidden_units", "dropout"}``, or ``"text_bilstm"`` with ``vocabulary_sizes``,
+        ``embedding_dim`` and ``sequence_units`` too.
 
     Returns
     -------
@@ -83,9 +182,17 @@ def build_model(architecture: Mapping[str, Any]) -> nn.Module:
     name = architecture.get("name")
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; this model.py knows {', '.join(ARCHITECTURES)}")
-    return TabularMLP(
-        in_features=int(architecture["in_features"]),
-        out_features=int(architecture["out_features"]),
-        hidden_units=architecture.get("hidden_units", ()),
-        dropout=float(architecture.get("dropout", 0.0)),
-    )
+    common = {
+        "in_features": int(architecture["in_features"]),
+        "out_features": int(architecture["out_features"]),
+        "hidden_units": architecture.get("hidden_units", ()),
+        "dropout": float(architecture.get("dropout", 0.0)),
+    }
+    if name == "text_bilstm":
+        return TextBiLSTM(
+            vocabulary_sizes=architecture["vocabulary_sizes"],
+            embedding_dim=int(architecture["embedding_dim"]),
+            sequence_units=int(architecture["sequence_units"]),
+            **common,
+        )
+    return TabularMLP(**common)

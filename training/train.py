@@ -1,5 +1,9 @@
-"""SageMaker script-mode entry point: train a tabular MLP on the processed splits, evaluate it on the test
-split, and save a model that serves itself (docs/contracts.md, section 3).
+"""SageMaker script-mode entry point: train a model on the processed splits, evaluate it on the test split,
+and save a model that serves itself (docs/contracts.md, section 3).
+
+The recipe (the manifest's, or the ``recipe`` hyperparameter) picks the network: a tabular MLP over
+numbers, categories and bags of words, or a BiLSTM text model. One training loop, `fit`, trains either:
+it sees tensors, an objective and a network, never the task.
 
 The container contract (``SM_MODEL_DIR``, ``SM_OUTPUT_DATA_DIR``, ``SM_CHANNEL_*``, ``SM_HPS``) gives the
 defaults, so the same file runs in the AWS PyTorch training image and on a laptop::
@@ -33,9 +37,9 @@ from torch.nn import functional
 from torch.nn.parallel import DistributedDataParallel
 
 from checkpoint import Checkpoints, checkpoint_directory
-from data import SPLITS, DataError, Encoder, Split, read_manifest, read_split
+from data import SPLITS, DataError, Encoder, Split, is_missing, read_manifest, read_split, tokenize
 from metrics import classification_evaluation, regression_evaluation
-from model import TabularMLP
+from model import TabularMLP, TextBiLSTM
 from report import write_report
 
 log = logging.getLogger("train")
@@ -50,7 +54,11 @@ PREDICT_BATCH_ROWS = 65_536
 # At most this share of free memory goes to the encoded splits; the rest is for the model, batches, Python.
 MEMORY_SHARE = 0.5
 CHANNELS = (*SPLITS, "manifest")
+RECIPES = ("tabular", "text")
+# Default vocabulary per text feature: bag-of-words slots are dense inputs, embeddings rows are cheap.
+DEFAULT_VOCABULARY = {"tabular": 2_000, "text": 20_000}
 HYPERPARAMETERS = (
+    "recipe",
     "epochs",
     "batch_size",
     "learning_rate",
@@ -59,6 +67,9 @@ HYPERPARAMETERS = (
     "weight_decay",
     "class_weights",
     "max_vocabulary",
+    "max_sequence_length",
+    "embedding_dim",
+    "sequence_units",
     "seed",
     "patience",
     "checkpoint_steps",
@@ -127,6 +138,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             help=f"the {channel} channel directory (SM_CHANNEL_{channel.upper()})",
         )
     hyper = parser.add_argument_group("hyperparameters (also read from SM_HPS)")
+    hyper.add_argument(
+        "--recipe",
+        default="auto",
+        choices=("auto", *RECIPES),
+        help="tabular (an MLP; text as bags of words) or text (a BiLSTM reads text in order); "
+        "auto: the manifest's recipe",
+    )
     hyper.add_argument("--epochs", type=int, default=60)
     hyper.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
     hyper.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, default=1e-3)
@@ -153,8 +171,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--max_vocabulary",
         dest="max_vocabulary",
         type=int,
-        default=2_000,
-        help="bag-of-words slots per text feature: its most frequent train tokens, from the manifest",
+        default=None,
+        help="tokens kept per text feature, its most frequent in train (from the manifest): bag-of-words "
+        "slots (tabular recipe, default 2000) or embedded tokens (text recipe, default 20000)",
+    )
+    hyper.add_argument(
+        "--max-sequence-length",
+        "--max_sequence_length",
+        dest="max_sequence_length",
+        type=int,
+        default=256,
+        help="text recipe: tokens read per text value, its first ones (at most the longest in train)",
+    )
+    hyper.add_argument("--embedding-dim", "--embedding_dim", dest="embedding_dim", type=int, default=64)
+    hyper.add_argument(
+        "--sequence-units",
+        "--sequence_units",
+        dest="sequence_units",
+        type=int,
+        default=64,
+        help="text recipe: LSTM units per direction",
     )
     hyper.add_argument("--seed", type=int, default=7)
     hyper.add_argument("--patience", type=int, default=8, help="epochs without a lower validation loss")
@@ -189,7 +225,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "weight_decay": args.weight_decay >= 0,
         "patience": args.patience >= 1,
         "class_weights": args.class_weights in ("none", "sqrt", "balanced"),
-        "max_vocabulary": args.max_vocabulary >= 1,
+        "max_vocabulary": args.max_vocabulary is None or args.max_vocabulary >= 1,
+        "max_sequence_length": args.max_sequence_length >= 1,
+        "embedding_dim": args.embedding_dim >= 1,
+        "sequence_units": args.sequence_units >= 1,
         "checkpoint_steps": args.checkpoint_steps >= 0,
     }
     bad = [f"{name}={getattr(args, name)}" for name, ok in checks.items() if not ok]
@@ -312,11 +351,19 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+# What a network takes: one tensor, or several (its forward's arguments), each with a row per example.
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def _as_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
+    return inputs if isinstance(inputs, tuple) else (inputs,)
+
+
 def fit(
     network: nn.Module,
     objective: Objective,
-    train: tuple[torch.Tensor, torch.Tensor],
-    validation: tuple[torch.Tensor, torch.Tensor],
+    train: tuple[Inputs, torch.Tensor],
+    validation: tuple[Inputs, torch.Tensor],
     args: argparse.Namespace,
     checkpoints: Checkpoints | None = None,
     processes: Processes = Processes(),
@@ -332,11 +379,12 @@ def fit(
     exactly the model an uninterrupted run would have. Under torchrun each step's batch is split across the
     processes and DistributedDataParallel averages their gradients: the same global batch as one process.
     """
-    x_train, y_train = train
+    x_train, y_train = _as_tuple(train[0]), train[1]
     x_val, y_val = validation
+    device = y_train.device
     model: nn.Module = network
     if processes.distributed:
-        device_ids = [x_train.device.index] if x_train.device.type == "cuda" else None
+        device_ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(network, device_ids=device_ids)
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -344,7 +392,7 @@ def fit(
     )
     # Shuffling draws from its own generator, so the order does not depend on what else consumed randomness.
     shuffler = torch.Generator().manual_seed(args.seed)
-    rows = len(x_train)
+    rows = len(y_train)
     steps_per_epoch = math.ceil(rows / args.batch_size)
     best = FitResult(best_epoch=0, best_validation_loss=math.inf, epochs_run=0, seconds=0.0)
     best_state: dict[str, torch.Tensor] = {}
@@ -389,7 +437,7 @@ def fit(
     for epoch in range(first_epoch, args.epochs + 1):
         network.train()
         epoch_shuffler = shuffler.get_state()
-        order = torch.randperm(rows, generator=shuffler).to(x_train.device)
+        order = torch.randperm(rows, generator=shuffler).to(device)
         total = epoch_total if epoch == first_epoch else 0.0
         for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
             batch = order[step * args.batch_size : (step + 1) * args.batch_size]
@@ -397,7 +445,7 @@ def fit(
                 continue
             shard = batch[processes.rank :: processes.world_size] if processes.distributed else batch
             optimizer.zero_grad(set_to_none=True)
-            loss = objective.train_loss(model(x_train[shard]), y_train[shard])
+            loss = objective.train_loss(model(*(x[shard] for x in x_train)), y_train[shard])
             if processes.distributed:
                 # Scaled so that DDP's average over processes is the mean over the whole batch.
                 (loss * (len(shard) * processes.world_size / len(batch))).backward()
@@ -409,7 +457,7 @@ def fit(
             if checkpoints is not None and checkpoints.due(step_count) and step + 1 < steps_per_epoch:
                 checkpoint(epoch, step + 1, epoch_shuffler, total)
         if processes.distributed:
-            summed = torch.tensor([total], dtype=torch.float64, device=x_train.device)
+            summed = torch.tensor([total], dtype=torch.float64, device=device)
             distributed.all_reduce(summed)
             total = float(summed.item())
         report = objective.validation_report(predict(network, x_val), y_val)
@@ -449,19 +497,47 @@ def fit(
     return best
 
 
-def predict(network: nn.Module, features: torch.Tensor) -> torch.Tensor:
+def predict(network: nn.Module, inputs: Inputs) -> torch.Tensor:
     """The network's outputs in evaluation mode, in chunks so a large split fits in memory."""
+    tensors = _as_tuple(inputs)
     network.eval()
     with torch.inference_mode():
         chunks = [
-            network(features[i : i + PREDICT_BATCH_ROWS]) for i in range(0, len(features), PREDICT_BATCH_ROWS)
+            network(*(x[i : i + PREDICT_BATCH_ROWS] for x in tensors))
+            for i in range(0, len(tensors[0]), PREDICT_BATCH_ROWS)
         ]
     return torch.cat(chunks).float()
 
 
+def choose_recipe(args: argparse.Namespace, manifest: dict[str, Any]) -> str:
+    """The recipe to train: the hyperparameter's, else the manifest's. Also settles `args.max_vocabulary`.
+
+    Raises
+    ------
+    ConfigurationError
+        For the text recipe on a dataset without a text feature, or a manifest recipe this code lacks.
+    """
+    recipe = manifest.get("recipe", "tabular") if args.recipe == "auto" else args.recipe
+    if recipe not in RECIPES:
+        raise ConfigurationError(
+            f"the manifest asks for the {recipe!r} recipe; this training code has {', '.join(RECIPES)}"
+        )
+    text = [c["name"] for c in manifest["columns"] if c.get("role") == "feature" and c.get("type") == "text"]
+    if recipe == "text" and not text:
+        raise ConfigurationError(
+            "the text recipe reads text features, and this dataset has none: use recipe tabular"
+        )
+    if args.max_vocabulary is None:
+        args.max_vocabulary = DEFAULT_VOCABULARY[recipe]
+    args.recipe = recipe
+    return recipe
+
+
 def load_splits(args: argparse.Namespace) -> tuple[dict[str, Any], Encoder, dict[str, Split]]:
-    """The manifest, the encoder built from it, and the three splits (rows without a target dropped)."""
+    """The manifest, the encoder built from it for the recipe (`choose_recipe`), and the three splits
+    (rows without a target dropped)."""
     manifest = read_manifest(args.manifest)
+    recipe = choose_recipe(args, manifest)
     target = manifest["target"]
     features = [c["name"] for c in manifest["columns"] if c.get("role") == "feature"]
     splits = {}
@@ -473,19 +549,38 @@ def load_splits(args: argparse.Namespace) -> tuple[dict[str, Any], Encoder, dict
         if split.rows == 0:
             raise DataError(f"{name} split is empty: no row has a target")
         splits[name] = split
+    sequence_length = 0
+    if recipe == "text":
+        # As long as the longest train value (in tokens), up to the hyperparameter.
+        longest = max(
+            (
+                len(tokenize(value))
+                for column in manifest["columns"]
+                if column.get("role") == "feature" and column.get("type") == "text"
+                for value in splits["train"].columns[column["name"]]
+                if not is_missing(value)
+            ),
+            default=1,
+        )
+        sequence_length = max(1, min(args.max_sequence_length, longest))
     encoder = Encoder.from_manifest(
-        manifest, train_target=splits["train"].columns[target], max_vocabulary=args.max_vocabulary
+        manifest,
+        train_target=splits["train"].columns[target],
+        max_vocabulary=args.max_vocabulary,
+        text_encoding="sequence" if recipe == "text" else "bag_of_words",
+        sequence_length=sequence_length,
     )
     return manifest, encoder, splits
 
 
 def check_memory(
-    encoder: Encoder, splits: dict[str, Split], device: torch.device, max_vocabulary: int
+    encoder: Encoder, splits: dict[str, Split], device: torch.device, args: argparse.Namespace
 ) -> None:
     """Fail before encoding when the encoded splits cannot fit in memory, saying what to lower.
 
-    Every split is encoded densely (float32) and kept on the device; a text feature adds a column per
-    vocabulary token, so a large vocabulary times many rows is what usually does not fit.
+    Every split is encoded (a float32 matrix, and int32 token ids for the text recipe) and kept on the
+    device. With the bag of words a text feature adds a column per vocabulary token, so a large vocabulary
+    times many rows is what usually does not fit; with the text recipe it is the sequence length.
 
     Raises
     ------
@@ -493,24 +588,26 @@ def check_memory(
         When the splits need more than half of the memory available (host, and GPU when training on one).
     """
     rows = sum(split.rows for split in splits.values())
-    needed = rows * encoder.width * 4
+    needed = rows * encoder.row_bytes
     available = available_memory(device)
     if available is None or needed <= available * MEMORY_SHARE:
         return
     message = (
-        f"the encoded splits need {needed / 2**30:.1f} GiB ({rows} rows x {encoder.width} inputs, float32) "
+        f"the encoded splits need {needed / 2**30:.1f} GiB ({rows} rows x {encoder.row_bytes} bytes) "
         f"but only {available / 2**30:.1f} GiB of memory is available"
     )
+    budget = int(available * MEMORY_SHARE / rows) // 4  # 4-byte values a row may take
     text = [f for f in encoder.features if f["type"] == "text"]
-    if text:
-        other = encoder.width - sum(len(f["vocabulary"]) for f in text)
-        per_feature = int(available * MEMORY_SHARE / 4 / rows - other) // len(text)
-        message += (
-            f": lower the hyperparameter max_vocabulary (now {max_vocabulary}) to at most {per_feature}, "
-            "or train on an instance with more memory"
-            if per_feature >= 1
-            else ": train on an instance with more memory"
-        )
+    if encoder.sequences:
+        per_feature = (budget - encoder.width) // len(encoder.sequences)
+        hint = f"lower the hyperparameter max_sequence_length (now {encoder.sequence_length}) to at most {per_feature}"
+    elif text:
+        per_feature = (budget - encoder.width + sum(len(f["vocabulary"]) for f in text)) // len(text)
+        hint = f"lower the hyperparameter max_vocabulary (now {args.max_vocabulary}) to at most {per_feature}"
+    else:
+        per_feature, hint = 0, ""
+    if per_feature >= 1:
+        message += f": {hint}, or train on an instance with more memory"
     else:
         message += ": train on an instance with more memory"
     raise ConfigurationError(message)
@@ -559,17 +656,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         # more than it saves, and on a busy machine spinning OpenMP workers make a step ~50x slower.
         torch.set_num_threads(1)
     manifest, encoder, splits = load_splits(args)
-    check_memory(encoder, splits, device, args.max_vocabulary)
+    check_memory(encoder, splits, device, args)
     tensors = {}
     for name, split in splits.items():
-        x = torch.from_numpy(encoder.encode(split.columns, split.rows)).to(device)
+        x = tuple(torch.from_numpy(a).to(device) for a in encoder.encode_inputs(split.columns, split.rows))
         y = torch.from_numpy(encoder.encode_target(split.columns[encoder.target])).to(device)
         tensors[name] = (x, y)
     log.info(
-        "dataset %s version %s: %s of %r; rows train=%d validation=%d test=%d; %d features -> %d inputs; "
-        "device %s",
+        "dataset %s version %s: %s recipe, %s of %r; rows train=%d validation=%d test=%d; "
+        "%d features -> %d inputs%s; device %s",
         manifest.get("dataset"),
         manifest.get("version"),
+        args.recipe,
         encoder.task,
         encoder.target,
         splits["train"].rows,
@@ -577,10 +675,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         splits["test"].rows,
         len(encoder.features),
         encoder.width,
+        f" and {len(encoder.sequences)} token sequence(s) of {encoder.sequence_length}"
+        if encoder.sequences
+        else "",
         device,
     )
 
-    network = TabularMLP(encoder.width, encoder.output_width, args.hidden_units, args.dropout).to(device)
+    network = build_network(args, encoder).to(device)
     objective: Objective
     train_truth = tensors["train"][1].cpu().numpy()
     if encoder.task == "classification":
@@ -647,6 +748,21 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return evaluation
 
 
+def build_network(args: argparse.Namespace, encoder: Encoder) -> nn.Module:
+    """The recipe's network for the encoder's inputs and outputs, freshly initialised."""
+    if encoder.sequences:
+        return TextBiLSTM(
+            encoder.width,
+            encoder.output_width,
+            [len(f["vocabulary"]) for f in encoder.sequences],
+            embedding_dim=args.embedding_dim,
+            sequence_units=args.sequence_units,
+            hidden_units=args.hidden_units,
+            dropout=args.dropout,
+        )
+    return TabularMLP(encoder.width, encoder.output_width, args.hidden_units, args.dropout)
+
+
 def code_version(directory: Path = HERE) -> str:
     """What code trained this model: a digest of the source files that ran (and the git commit they were
     published from, which `conveyor publish-code` writes to CODE_VERSION), for the Model Registry."""
@@ -678,7 +794,7 @@ def final_line(evaluation: dict[str, Any]) -> str:
 
 def save(
     args: argparse.Namespace,
-    network: TabularMLP,
+    network: TabularMLP | TextBiLSTM,
     encoder: Encoder,
     manifest: dict[str, Any],
     evaluation: dict[str, Any],

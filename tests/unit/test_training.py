@@ -15,6 +15,7 @@ import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -433,7 +434,7 @@ def test_bad_requests_name_the_row_and_column(churn):
             ),
             "application/json; charset=utf-8",
         )
-        assert data.shape == (2, 1 + 3)
+        assert [a.shape for a in data] == [(2, 1 + 3)]
         with pytest.raises(ValueError, match="cannot answer"):
             inference.output_fn([], "text/csv")
 
@@ -618,7 +619,7 @@ def reviews(tmp_path_factory):
         {"review": "text", "platform": "categorical"},
         labels=["negative", "positive"],
     )
-    return run_training(tmp_path_factory.mktemp("reviews"), rows, manifest)
+    return run_training(tmp_path_factory.mktemp("reviews"), rows, manifest, "--recipe", "tabular")
 
 
 def test_text_classification_clearly_beats_the_majority_class(reviews):
@@ -694,8 +695,8 @@ def test_text_encodes_as_log_counts_of_vocabulary_tokens(training_modules):
     # A request encodes as the CSV does; null and "" are missing as well.
     instances = [{"stars": s, "review": r} for s, r in zip(columns["stars"], columns["review"], strict=True)]
     instances += [{"stars": 3, "review": None}, {"stars": 3, "review": ""}]
-    np.testing.assert_allclose(copy.encode_instances(instances)[:5], expected, rtol=1e-6)
-    assert not copy.encode_instances(instances)[5:].any()
+    np.testing.assert_allclose(copy.encode_instances(instances)[0][:5], expected, rtol=1e-6)
+    assert not copy.encode_instances(instances)[0][5:].any()
 
 
 def test_bag_of_words_equals_counting_tokens_one_by_one(training_modules):
@@ -758,11 +759,175 @@ def test_a_vocabulary_too_big_for_memory_fails_naming_the_hyperparameter(monkeyp
     with pytest.raises(
         train.ConfigurationError, match=r"lower the hyperparameter max_vocabulary \(now 1000\) to at most 172"
     ):
-        train.check_memory(encoder, splits, device, max_vocabulary=1000)
+        train.check_memory(encoder, splits, device, SimpleNamespace(max_vocabulary=1000))
     monkeypatch.setattr(train, "available_memory", lambda device: 2**30)
-    train.check_memory(encoder, splits, device, max_vocabulary=1000)
+    train.check_memory(encoder, splits, device, SimpleNamespace(max_vocabulary=1000))
     with pytest.raises(ValueError, match="max_vocabulary=0"):
         train.parse_args(["--max_vocabulary", "0", *(f"--{c}=/d" for c in train.CHANNELS)])
+
+
+# --- the text recipe: a BiLSTM reads each text value in order ------------------------------------------
+
+SENTIMENT = {
+    "good": "positive",
+    "great": "positive",
+    "fine": "positive",
+    "bad": "negative",
+    "awful": "negative",
+}
+FILLER = ["the", "movie", "was", "and", "plot", "cast", "really", "quite", "story", "ending", "it", "so"]
+
+
+def negation_rows(n, rng):
+    """Reviews that all hold one sentiment word and one "not": the label flips when "not" stands right
+    before the sentiment word. Every review has the same kinds of words, so only their order tells."""
+    rows = []
+    for _ in range(n):
+        word = rng.choice(sorted(SENTIMENT))
+        words = rng.sample(FILLER, rng.randint(3, 9))
+        where = rng.randint(0, len(words))
+        negated = rng.random() < 0.5
+        if negated:
+            words[where:where] = ["not", word]
+        else:
+            words[where:where] = [word]
+            # "not" anywhere but right before the sentiment word
+            places = [i for i in range(len(words) + 1) if i != where]
+            words.insert(rng.choice(places), "not")
+        label = SENTIMENT[word]
+        if negated:
+            label = "negative" if label == "positive" else "positive"
+        rows.append(
+            {
+                "review": " ".join(words).capitalize() + ".",
+                "stars_shown": str(rng.randint(0, 1)),
+                "label": label,
+            }
+        )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def negations(tmp_path_factory):
+    rows = negation_rows(1200, random.Random(21))
+    manifest = manifest_for(
+        rows[:960],
+        "classification",
+        "label",
+        {"review": "text", "stars_shown": "numeric"},
+        labels=["negative", "positive"],
+    )
+    assert manifest["recipe"] == "text"
+    root = tmp_path_factory.mktemp("negations")
+    return {
+        "text": run_training(root / "text", rows, manifest),
+        "tabular": run_training(root / "tabular", rows, manifest, "--recipe", "tabular"),
+    }
+
+
+def test_the_text_recipe_reads_word_order_a_bag_of_words_cannot(negations):
+    text, tabular = (negations[recipe].evaluation()["conveyor"] for recipe in ("text", "tabular"))
+    assert text["value"] >= 0.9, text
+    assert tabular["value"] < 0.7, tabular  # the same words in every review: order is all there is
+    assert text["hyperparameters"]["recipe"] == "text"
+    assert text["hyperparameters"]["max_vocabulary"] == 20_000
+    assert tabular["hyperparameters"]["max_vocabulary"] == 2_000
+    config = json.loads((negations["text"].model_dir / "model_config.json").read_text())
+    longest = max(
+        len(re.findall(r"\w+", r["review"].lower())) for r in split_rows(negations["text"].channels, "train")
+    )
+    assert config["text_encoding"] == "sequence" and config["sequence_length"] == longest
+    assert config["architecture"]["name"] == "text_bilstm"
+    assert config["architecture"]["in_features"] == 1  # stars_shown beside the text
+    assert "text recipe" in negations["text"].completed.stdout
+
+
+def test_served_text_recipe_predictions_match_the_evaluation(negations):
+    case = negations["text"]
+    test_rows = split_rows(case.channels, "test")
+    instances = [{k: v for k, v in row.items() if k != "label"} for row in test_rows]
+    instances += [
+        {"review": "It was not good, the plot", "stars_shown": 1},
+        {"review": "Not the plot: it was good", "stars_shown": 1},
+        {"review": None, "stars_shown": 0},
+        {"review": "", "stars_shown": None},
+        {
+            "review": " ".join(["good"] * 500) + " unheard-of words",
+            "stars_shown": 0,
+        },  # longer than training's
+    ]
+    with served(case) as (inference, model):
+        predictions = serve(inference, model, instances)["predictions"]
+    labels = [p["label"] for p in predictions]
+    assert labels[-5:-3] == ["negative", "positive"]
+    accuracy = np.mean([label == r["label"] for label, r in zip(labels, test_rows, strict=False)])
+    assert accuracy == pytest.approx(case.evaluation()["conveyor"]["value"])
+
+
+def test_text_encodes_as_token_ids_in_order(training_modules):
+    data = training_modules("data")
+    encoder = data.Encoder(
+        task="classification",
+        target="y",
+        labels=["a", "b"],
+        features=[
+            {"name": "title", "type": "text", "vocabulary": ["good", "movie"]},
+            {"name": "stars", "type": "numeric", "mean": 3.0, "std": 1.0},
+            {"name": "review", "type": "text", "vocabulary": ["über", "not", "good"]},
+        ],
+        text_encoding="sequence",
+        sequence_length=4,
+    )
+    copy = data.Encoder.from_config(json.loads(json.dumps(encoder.to_config())))
+    assert copy.width == 1 and [f["name"] for f in copy.sequences] == ["title", "review"]
+    assert copy.row_bytes == 4 * (1 + 2 * 4)
+    columns = {
+        "title": ["Good movie", "NA", "movie, movie, good movie! good", "x"],
+        "stars": ["4", "", "3", "2"],
+        "review": ["not GOOD", "Über über", "", "good not, not good; über"],
+    }
+    matrix, ids = copy.encode_inputs(columns, 4)
+    np.testing.assert_array_equal(matrix, [[1], [0], [0], [-1]])
+    assert ids.dtype == np.int32 and ids.shape == (4, 2, 4)
+    # 0 pads, 1 is any other token, the vocabulary counts from 2; the first four tokens are kept.
+    np.testing.assert_array_equal(ids[:, 0], [[2, 3, 0, 0], [0, 0, 0, 0], [3, 3, 2, 3], [1, 0, 0, 0]])
+    np.testing.assert_array_equal(ids[:, 1], [[3, 4, 0, 0], [2, 2, 0, 0], [0, 0, 0, 0], [4, 3, 3, 4]])
+    instances = [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+    for encoded, expected in zip(copy.encode_instances(instances), (matrix, ids), strict=True):
+        np.testing.assert_array_equal(encoded, expected)
+
+
+def test_the_text_recipe_needs_a_text_feature(tiers):
+    command, env = training_command(
+        tiers.root / "again", tier_rows(30, random.Random(1)), tiers.manifest, "--recipe", "text"
+    )
+    completed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert completed.returncode == 1
+    reason = (tiers.root / "again/opt/ml/output/failure").read_text()
+    assert reason == "the text recipe reads text features, and this dataset has none: use recipe tabular"
+
+
+def test_a_text_network_is_rebuilt_from_its_architecture(training_modules):
+    model = training_modules("model")
+    torch = model.torch
+    torch.manual_seed(3)
+    network = model.TextBiLSTM(
+        2, 3, [10, 4], embedding_dim=8, sequence_units=5, hidden_units=(7,), dropout=0.2
+    )
+    copy = model.build_model(json.loads(json.dumps(network.architecture())))
+    copy.load_state_dict(network.state_dict())
+    network.eval(), copy.eval()
+    features = torch.randn(6, 2)
+    tokens = torch.randint(0, 12, (6, 2, 5), dtype=torch.int32)
+    tokens[:, 1] = tokens[:, 1].clamp(max=5)
+    tokens[0] = 0  # both values missing
+    tokens[1, 0, 2:] = 0  # padding after two tokens
+    outputs = network(features, tokens)
+    assert outputs.shape == (6, 3) and torch.isfinite(outputs).all()
+    torch.testing.assert_close(copy(features, tokens), outputs)
+    # Padding is padding: what lies beyond a value's last token does not change its reading.
+    longer = torch.cat([tokens, torch.zeros(6, 2, 3, dtype=torch.int32)], dim=2)
+    torch.testing.assert_close(network(features, longer), outputs)
 
 
 def test_the_code_version_names_the_code_that_ran(tmp_path, training_modules):
