@@ -73,6 +73,8 @@ HYPERPARAMETERS = (
     "seed",
     "patience",
     "checkpoint_steps",
+    "precision",
+    "compile",
 )
 
 
@@ -201,6 +203,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=500,
         help="save a checkpoint every this many optimizer steps (and at every epoch's end); 0: epochs only",
+    )
+    hyper.add_argument(
+        "--precision",
+        default="auto",
+        choices=("auto", "bf16", "fp32"),
+        help="bf16: mixed precision (bfloat16 autocast) for the training steps; auto: bf16 on a GPU that "
+        "supports it (Ampere and newer), else fp32",
+    )
+    hyper.add_argument(
+        "--compile",
+        default="auto",
+        choices=("auto", "true", "false"),
+        help="torch.compile the network for the training steps; auto: on a GPU only (on a CPU the "
+        "compilation takes longer than small models train)",
     )
     parser.set_defaults(**_defaults_from_sm_hps())
 
@@ -351,6 +367,42 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the training steps autocast to (None: full float32), from the ``precision`` hyperparameter.
+
+    bfloat16 has float32's range, so unlike float16 it needs no gradient scaling; GPUs before Ampere
+    (V100, T4) lack it and train in float32.
+
+    Raises
+    ------
+    ConfigurationError
+        For ``bf16`` on a GPU without bfloat16.
+    """
+    if precision == "fp32":
+        return None
+    supported = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if precision == "bf16":
+        if not supported:
+            raise ConfigurationError(f"precision bf16: {device} does not support bfloat16; use fp32 or auto")
+        return torch.bfloat16
+    return torch.bfloat16 if device.type == "cuda" and supported else None
+
+
+def compiled(model: nn.Module, setting: str, device: torch.device) -> nn.Module:
+    """The model the training steps call: `torch.compile`'d per the ``compile`` hyperparameter.
+
+    Compilation errors fall back to eager execution (TorchDynamo's ``suppress_errors``): a model that cannot
+    be compiled still trains, only without the speed-up.
+    """
+    if setting == "false" or (setting == "auto" and device.type != "cuda"):
+        return model
+    import torch._dynamo  # only when compiling
+
+    torch._dynamo.config.suppress_errors = True
+    log.info("compiling the network with torch.compile")
+    return torch.compile(model)  # type: ignore[return-value]
+
+
 # What a network takes: one tensor, or several (its forward's arguments), each with a row per example.
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
 
@@ -378,6 +430,9 @@ def fit(
     `checkpoints`; a run that finds its checkpoint continues from it, and a single process then trains
     exactly the model an uninterrupted run would have. Under torchrun each step's batch is split across the
     processes and DistributedDataParallel averages their gradients: the same global batch as one process.
+    The training steps run under bfloat16 autocast and `torch.compile` when `args.precision` and
+    `args.compile` say so (by default on a GPU; see `autocast_dtype` and `compiled`); validation runs in
+    float32 on the uncompiled network.
     """
     x_train, y_train = _as_tuple(train[0]), train[1]
     x_val, y_val = validation
@@ -386,6 +441,8 @@ def fit(
     if processes.distributed:
         device_ids = [device.index] if device.type == "cuda" else None
         model = DistributedDataParallel(network, device_ids=device_ids)
+    step_model = compiled(model, args.compile, device)
+    precision = autocast_dtype(args.precision, device)
     optimizer = torch.optim.AdamW(network.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, factor=0.5, patience=max(1, args.patience // 3)
@@ -445,7 +502,9 @@ def fit(
                 continue
             shard = batch[processes.rank :: processes.world_size] if processes.distributed else batch
             optimizer.zero_grad(set_to_none=True)
-            loss = objective.train_loss(model(*(x[shard] for x in x_train)), y_train[shard])
+            with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
+                outputs = step_model(*(x[shard] for x in x_train))
+            loss = objective.train_loss(outputs.float(), y_train[shard])
             if processes.distributed:
                 # Scaled so that DDP's average over processes is the mean over the whole batch.
                 (loss * (len(shard) * processes.world_size / len(batch))).backward()

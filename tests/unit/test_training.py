@@ -930,6 +930,40 @@ def test_a_text_network_is_rebuilt_from_its_architecture(training_modules):
     torch.testing.assert_close(network(features, longer), outputs)
 
 
+# --- mixed precision and torch.compile ------------------------------------------------------------------
+
+
+def test_bf16_mixed_precision_trains_as_well_as_float32(tiers, tmp_path):
+    # On a GPU "auto" picks bf16; the CPU has bfloat16 autocast too, so the path runs here.
+    rows = tier_rows(1000, random.Random(1))
+    mixed = run_training(tmp_path, rows, tiers.manifest, "--precision", "bf16").evaluation()["conveyor"]
+    full = tiers.evaluation()["conveyor"]
+    assert mixed["hyperparameters"]["precision"] == "bf16" and full["hyperparameters"]["precision"] == "auto"
+    assert mixed["value"] == pytest.approx(full["value"], abs=0.05)
+
+
+def test_precision_and_compile_follow_the_device(monkeypatch, training_modules):
+    train = training_modules("train")
+    torch = train.torch
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert train.autocast_dtype("auto", cpu) is None  # a CPU trains in float32 unless asked
+    assert train.autocast_dtype("bf16", cpu) is torch.bfloat16
+    assert train.autocast_dtype("fp32", gpu) is None
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert train.autocast_dtype("auto", gpu) is torch.bfloat16
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)  # a V100 or a T4
+    assert train.autocast_dtype("auto", gpu) is None
+    with pytest.raises(train.ConfigurationError, match="does not support bfloat16; use fp32 or auto"):
+        train.autocast_dtype("bf16", gpu)
+    network = torch.nn.Linear(2, 2)
+    assert train.compiled(network, "auto", cpu) is network
+    assert train.compiled(network, "false", gpu) is network
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda model: compiled.append(model) or "compiled")
+    assert train.compiled(network, "auto", gpu) == "compiled" and compiled == [network]
+    assert train.compiled(network, "true", cpu) == "compiled"
+
+
 def test_the_code_version_names_the_code_that_ran(tmp_path, training_modules):
     code_version = training_modules("train").code_version
     for name in ("train.py", "inference.py"):
