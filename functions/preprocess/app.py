@@ -11,6 +11,8 @@ import io
 import json
 import math
 import posixpath
+import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,6 +43,7 @@ from common.naming import (
     slugify,
 )
 from common.telemetry import make_metrics
+from preprocess import images
 from preprocess.core import SUFFIXES, DatasetSpec, Limits, format_of, preprocess
 
 logger = Logger()
@@ -50,6 +53,8 @@ processor = BatchProcessor(event_type=EventType.SQS)
 
 DATASETS_PREFIX = "datasets/"
 SPEC_FILE = "conveyor.json"
+# A zip is copied to /tmp (EphemeralStorage) to be read; at most this share of the free space there.
+TMP_SHARE = 0.9
 
 
 def dataset_of(key: str) -> str | None:
@@ -120,7 +125,7 @@ def process_object(ref: ObjectRef, settings: Settings) -> dict[str, Any]:
         fmt = _check_key(ref.key, name)
         spec = _read_spec(ref.bucket, name)
         manifest = _manifest_if_done(settings, slug, version)
-        if manifest is None and too_big_for_lambda(head.get("ContentLength"), settings):
+        if manifest is None and too_big_for_lambda(head.get("ContentLength"), settings, fmt):
             return _hand_to_processing_job(spec, provenance, settings, execution_name(slug, identity))
         manifest = manifest or _preprocess(ref, version_id, spec, provenance, settings, fmt)
     except DatasetRejected as rejected:
@@ -167,11 +172,16 @@ def _manifest_if_done(settings: Settings, slug: str, version: str) -> dict[str, 
     return manifest
 
 
+def _s3_writer(uri: str) -> Any:
+    # Binary smart_open writers abort the multipart upload when the block raises, so a rejected file
+    # leaves no half-written split behind.
+    return smart_open.open(uri, "wb", transport_params={"client": aws.client("s3")})
+
+
 @contextmanager
 def _s3_text_writer(uri: str) -> Iterator[io.TextIOWrapper]:
-    # Binary smart_open writers abort the multipart upload when the block raises, so a rejected file
-    # leaves no half-written split behind; the text layer is detached, never closed, for that reason.
-    with smart_open.open(uri, "wb", transport_params={"client": aws.client("s3")}) as raw:
+    # The text layer is detached, never closed, so that the binary writer sees the exception (above).
+    with _s3_writer(uri) as raw:
         text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
         yield text
         text.flush()
@@ -188,20 +198,36 @@ def _preprocess(
 ) -> dict[str, Any]:
     slug, version = provenance["dataset"], provenance["version"]
     started = time.monotonic()
-    params: dict[str, Any] = {"client": aws.client("s3")}
-    if version_id and version_id != "null":
-        params["version_id"] = version_id
-    with smart_open.open(f"s3://{ref.bucket}/{ref.key}", "rb", transport_params=params) as source:
-        manifest = preprocess(
-            source,
-            spec=spec,
-            open_split=lambda split: _s3_text_writer(
-                _processed_uri(settings, slug, version, split, "part-00000.csv")
-            ),
-            provenance=provenance,
-            fmt=fmt,
-            limits=Limits.for_object(ref.key, provenance["source"].get("size")),
-        )
+    limits = Limits.for_object(ref.key, provenance["source"].get("size"))
+    if fmt == "zip":
+        # zipfile seeks (a zip's directory is at its end): the upload is read from a copy in /tmp, which
+        # too_big_for_lambda keeps it within.
+        with tempfile.TemporaryFile() as local:
+            aws.client("s3").download_fileobj(ref.bucket, ref.key, local, ExtraArgs=_version_arg(version_id))
+            manifest = images.preprocess_zip(
+                local,
+                spec=spec,
+                open_split=lambda split: _s3_writer(
+                    _processed_uri(settings, slug, version, split, images.SPLIT_FILE)
+                ),
+                provenance=provenance,
+                limits=limits,
+            )
+    else:
+        params: dict[str, Any] = {"client": aws.client("s3")}
+        if version_id and version_id != "null":
+            params["version_id"] = version_id
+        with smart_open.open(f"s3://{ref.bucket}/{ref.key}", "rb", transport_params=params) as source:
+            manifest = preprocess(
+                source,
+                spec=spec,
+                open_split=lambda split: _s3_text_writer(
+                    _processed_uri(settings, slug, version, split, "part-00000.csv")
+                ),
+                provenance=provenance,
+                fmt=fmt,
+                limits=limits,
+            )
     aws.client("s3").put_object(
         Bucket=settings.require("processed_bucket"),
         Key=f"{slug}/{version}/manifest.json",
@@ -309,12 +335,18 @@ def _execution_input(manifest: dict[str, Any], spec: DatasetSpec, settings: Sett
 
 
 # ---------------------------------------------------------------- bigger than Lambda (SageMaker Processing)
-# An upload above LAMBDA_PREPROCESS_MAX_BYTES is not streamed here: the pipeline preprocesses it with the same
-# code in a SageMaker Processing job (preprocess/processing.py) and then trains as usual.
+# An upload above LAMBDA_PREPROCESS_MAX_BYTES (or a zip too big for /tmp) is not read here: the pipeline
+# preprocesses it with the same code in a SageMaker Processing job (preprocess/processing.py) and then trains
+# as usual.
 
 
-def too_big_for_lambda(size: int | None, settings: Settings) -> bool:
-    return size is not None and size > settings.lambda_preprocess_max_bytes
+def too_big_for_lambda(size: int | None, settings: Settings, fmt: str | None = None) -> bool:
+    """Above LAMBDA_PREPROCESS_MAX_BYTES; or a zip that would not fit in /tmp, where the function copies it."""
+    if size is None:
+        return False
+    if size > settings.lambda_preprocess_max_bytes:
+        return True
+    return fmt == "zip" and size > shutil.disk_usage(tempfile.gettempdir()).free * TMP_SHARE
 
 
 def processing_volume_gb(key: str, size: int) -> int:

@@ -2,7 +2,8 @@
 
 No AWS here: the caller gives this module a byte stream and a way to open the split files, and gets back
 the manifest (docs/contracts.md, section 2). The cleaning rules are written down in docs/preprocessing.md;
-this module is their implementation.
+this module is their implementation. Zips of images are preprocessed by `preprocess.images`, which shares
+this module's spec, limits, splitting and class checks.
 
 Memory stays flat as the file grows: rows are read one line at a time (with a length limit), handled in
 chunks, written straight to the split writers, and profiled with bounded state per column.
@@ -21,7 +22,7 @@ import re
 import typing
 import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from gzip import BadGzipFile
@@ -65,16 +66,19 @@ TEXT_MIN_MEAN_TOKENS = 3.0
 SETTLE_NON_NUMERIC = 10_000
 
 
-# File name endings conveyor takes, and the format each one is read as.
-SUFFIXES = {".csv": "csv", ".csv.gz": "csv", ".jsonl": "jsonl", ".jsonl.gz": "jsonl"}
+# File name endings conveyor takes, and the format each one is read as ("zip": images, preprocess.images).
+SUFFIXES = {".csv": "csv", ".csv.gz": "csv", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".zip": "zip"}
+COMPRESSED_SUFFIXES = (".gz", ".zip")
+RECIPES = ("tabular", "text", "image")
 # A compressed upload may inflate to this many times its size (at least MIN_INFLATED_BYTES); more is
-# treated as a decompression bomb. CSV and JSON Lines typically compress 5-20x.
+# treated as a decompression bomb. CSV and JSON Lines typically compress 5-20x, images hardly at all.
 MAX_COMPRESSION_RATIO = 100
 MIN_INFLATED_BYTES = 256 << 20
 
 
 def format_of(key: str) -> str | None:
-    """`"csv"` or `"jsonl"` from the object key's ending; None for a file type conveyor does not take."""
+    """`"csv"`, `"jsonl"` or `"zip"` from the object key's ending; None for a file type conveyor does not
+    take."""
     lowered = key.lower()
     return next((fmt for suffix, fmt in SUFFIXES.items() if lowered.endswith(suffix)), None)
 
@@ -85,14 +89,14 @@ class Limits:
 
     max_columns: int = 2_000
     max_line_chars: int = 1 << 20
-    max_bytes: int | None = None  # decompressed bytes; the caller sets it from the object's size
+    max_bytes: int | None = None  # decompressed bytes (a zip: of its images); set from the object's size
     max_tracked_distinct: int = 2_000_000  # distinct values tracked over all columns together
     max_dedup_rows: int = 1_000_000  # rows whose fingerprints are kept for duplicate detection
 
     @classmethod
     def for_object(cls, key: str, size: int | None) -> Limits:
-        """Limits for one uploaded object: a compressed one may inflate only so far."""
-        if size is None or not key.lower().endswith(".gz"):
+        """Limits for one uploaded object: a compressed one (gzip, zip) may inflate only so far."""
+        if size is None or not key.lower().endswith(COMPRESSED_SUFFIXES):
             return cls()
         return cls(max_bytes=max(MIN_INFLATED_BYTES, size * MAX_COMPRESSION_RATIO))
 
@@ -113,6 +117,8 @@ class DatasetSpec:
     approval: str = "auto"
     # "instances": a real-time endpoint on InferenceInstanceType; "serverless": a serverless endpoint.
     serving: str = "instances"
+    # What trains (RECIPES); None: inferred from the data. "image" is a zip's only recipe, and only a zip's.
+    recipe: str | None = None
 
     KEYS = frozenset(
         {
@@ -125,6 +131,7 @@ class DatasetSpec:
             "hyperparameters",
             "approval",
             "serving",
+            "recipe",
         }
     )
 
@@ -166,6 +173,11 @@ class DatasetSpec:
             raise DatasetRejected(
                 f"conveyor.json: serving must be 'instances' or 'serverless', not {serving!r}"
             )
+        recipe = document.get("recipe")
+        if recipe is not None and recipe not in RECIPES:
+            raise DatasetRejected(
+                f"conveyor.json: recipe must be {', '.join(map(repr, RECIPES))}, not {recipe!r}"
+            )
         return cls(
             target=target,
             task=task,
@@ -176,6 +188,7 @@ class DatasetSpec:
             hyperparameters=hps,
             approval=approval,
             serving=serving,
+            recipe=recipe,
         )
 
 
@@ -198,7 +211,12 @@ _SPLIT_OF_BUCKET = ("train",) * 8 + ("validation", "test")
 def split_of(row: list[str]) -> str:
     """Deterministic 80/10/10 split by a hash of the row, so a re-run writes identical files and
     duplicate rows never straddle train and test."""
-    return _SPLIT_OF_BUCKET[zlib.crc32(_JOIN(row).encode("utf-8")) % 10]
+    return split_of_bytes(_JOIN(row).encode("utf-8"))
+
+
+def split_of_bytes(data: bytes) -> str:
+    """The split of a record by the CRC-32 of its bytes (a row's joined cells, an image file's bytes)."""
+    return _SPLIT_OF_BUCKET[zlib.crc32(data) % 10]
 
 
 def _sample(row: Iterable[str] | str, limit: int = 200) -> str:
@@ -807,6 +825,12 @@ def preprocess(
     """
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {FORMATS}, not {fmt!r}")
+    if spec.recipe == "image":
+        raise DatasetRejected(
+            "conveyor.json says recipe 'image', which trains on a zip of class folders (<class>/<image>), "
+            "but this upload is CSV or JSON Lines: upload a .zip, or set recipe to 'tabular' or 'text' "
+            "(or remove it)"
+        )
     limits = limits or Limits()
     hashing = _Source(source, limits.max_bytes)
     buffered = io.BufferedReader(hashing, buffer_size=1 << 20)
@@ -1111,7 +1135,7 @@ def _manifest(
         "format": fmt,
         "delimiter": delimiter or ",",
         "task": task,
-        "recipe": "text" if any(c.get("type") == "text" for c in features) else "tabular",
+        "recipe": _choose_recipe(features, spec, inferred),
         "target": target.name,
     }
     if labels is not None:
@@ -1134,30 +1158,75 @@ def _manifest(
     return manifest
 
 
+def _choose_recipe(features: list[dict[str, Any]], spec: DatasetSpec, inferred: list[str]) -> str:
+    text = [c["name"] for c in features if c.get("type") == "text"]
+    if spec.recipe == "text" and not text:
+        raise DatasetRejected(
+            "conveyor.json says recipe 'text', but no feature column is free text (several words per "
+            "value): set recipe to 'tabular', or remove it",
+            features={c["name"]: c.get("type") for c in features[:100]},
+        )
+    if spec.recipe is not None:
+        inferred.append(f"recipe: {spec.recipe} from conveyor.json")
+        return spec.recipe
+    if text:
+        inferred.append(f"recipe: text (free-text column {', '.join(map(repr, text))})")
+        return "text"
+    inferred.append("recipe: tabular (no free-text column)")
+    return "tabular"
+
+
 def _check_classes(target: _Column) -> list[Any]:
-    class_counts = dict(sorted((target.train_values or {}).items()))
     if target.distinct_count is None or target.distinct_count > MAX_CLASSES:
         raise DatasetRejected(
             f"the target {target.name!r} has more than {MAX_CLASSES} classes; "
             'set "task": "regression" in conveyor.json if it is a number'
         )
+    assert target.values is not None
+    return check_classes(target.name, target.train_values or Counter(), target.values)
+
+
+def check_classes(
+    target: str, train_counts: Mapping[str, int], counts: Mapping[str, int], unit: str = "rows"
+) -> list[Any]:
+    """The labels of a classification target, once it passes the classification checks.
+
+    Parameters
+    ----------
+    target
+        The target's name, for the reasons.
+    train_counts, counts
+        How often each class occurs in the train split, and in every split together.
+    unit
+        What a class holds, for the reasons ("rows", "images").
+
+    Returns
+    -------
+    list
+        The classes in sorted order: integers when every class is an integer literal, else the strings.
+
+    Raises
+    ------
+    DatasetRejected
+        A single class in train, or a class with fewer than MIN_ROWS_PER_CLASS `unit` over every split.
+    """
+    class_counts = dict(sorted(train_counts.items()))
     if len(class_counts) < 2:
         raise DatasetRejected(
             # The class itself is a value of the data: it goes to the report (class_counts), not into the
             # reason, which is logged.
-            f"the target {target.name!r} has a single class in the training split: nothing to learn "
+            f"the target {target!r} has a single class in the training split: nothing to learn "
             "(the report's class_counts shows it)",
             class_counts=class_counts,
         )
-    assert target.values is not None
-    rare = {label: n for label, n in target.values.items() if n < MIN_ROWS_PER_CLASS}
+    rare = {label: n for label, n in counts.items() if n < MIN_ROWS_PER_CLASS}
     if rare:
         raise DatasetRejected(
-            f"{len(rare)} class(es) of the target {target.name!r} have fewer than {MIN_ROWS_PER_CLASS} "
-            "rows, too few to train and test on: add rows, merge those classes, or remove them",
+            f"{len(rare)} class(es) of the target {target!r} have fewer than {MIN_ROWS_PER_CLASS} "
+            f"{unit}, too few to train and test on: add {unit}, merge those classes, or remove them",
             rare_classes=dict(sorted(rare.items())[:20]),
         )
-    all_labels = sorted(target.values)
+    all_labels = sorted(counts)
     if all(_INTEGER.match(v) for v in all_labels):
         return sorted({int(v) for v in all_labels})
     return all_labels

@@ -1,13 +1,14 @@
 """SageMaker Processing entry point: PreprocessFunction's preprocessing, for uploads too big for Lambda.
 
-The job runs `preprocess.core.preprocess`, the code the Lambda function runs, on the file SageMaker
-Processing copied to local disk, and writes what the function would write to S3 into the job's output
-directories, which SageMaker uploads when the job ends (docs/contracts.md, section 7):
+The job runs `preprocess.core.preprocess` (for a zip of images, `preprocess.images.preprocess_zip`), the
+code the Lambda function runs, on the file SageMaker Processing copied to local disk, and writes what the
+function would write to S3 into the job's output directories, which SageMaker uploads when the job ends
+(docs/contracts.md, section 7):
 
     input  "job"         job.json: dataset, version, source object, spec (written by PreprocessFunction)
     input  "dataset"     the uploaded object (an S3Prefix of its key)
     input  "code"        functions/common and functions/preprocess (`conveyor publish-code`)
-    output "processed"   train/ validation/ test/ part-00000.csv and manifest.json
+    output "processed"   train/ validation/ test/ part-00000.csv (a zip: part-00000.zip) and manifest.json
     output "quarantine"  report.json, only when the file is rejected
 
 The local paths come from /opt/ml/config/processingjobconfig.json, where SageMaker writes the job's request.
@@ -15,8 +16,9 @@ The local paths come from /opt/ml/config/processingjobconfig.json, where SageMak
 object: `{"outcome": "processed", ...}` or `{"outcome": "quarantined", "reason": ...}`. A rejected file is
 a job that did its work (exit status 0): the pipeline notifies and stops. Anything else exits with 1.
 
-Standard library and functions/ code only: the job runs in a stock Python 3 image, without smart_open or
-Powertools. Run it with `python3 -m preprocess.processing` and functions/ on PYTHONPATH.
+Standard library and functions/ code only, and Pillow for a zip of images: the job runs in the PyTorch
+training image, which has Pillow (torchvision depends on it) but not smart_open or Powertools. Run it with
+`python3 -m preprocess.processing` and functions/ on PYTHONPATH.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from pathlib import Path
 from typing import IO, Any, cast
 
 from common.errors import DatasetRejected
+from preprocess import images
 from preprocess.core import DatasetSpec, Limits, format_of, preprocess
 
 log = logging.getLogger("conveyor.processing")
@@ -111,11 +114,11 @@ def dataset_file(directory: Path, source: dict[str, Any]) -> Path:
 
 
 @contextmanager
-def _split_writer(path: Path) -> Iterator[IO[str]]:
+def _split_writer(path: Path, binary: bool = False) -> Iterator[IO[Any]]:
     # A rejected file leaves no half-written split behind, so the job uploads nothing but the report.
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        with path.open("w", encoding="utf-8", newline="") as handle:
+        with path.open("wb") if binary else path.open("w", encoding="utf-8", newline="") as handle:
             yield handle
     except BaseException:
         path.unlink(missing_ok=True)
@@ -171,7 +174,7 @@ def run(opt_ml_dir: Path) -> dict[str, Any]:
     processed, quarantine = outputs["processed"], outputs["quarantine"]
     processed.mkdir(parents=True, exist_ok=True)
     quarantine.mkdir(parents=True, exist_ok=True)
-    # The Lambda's limits, and the volume: the splits are the decompressed rows again.
+    # The Lambda's limits, and the volume: the splits are the decompressed rows (or images) again.
     limits = Limits.for_object(source["key"], source.get("size"))
     room = int(shutil.disk_usage(processed).free * DISK_MARGIN)
     limits = dataclasses.replace(limits, max_bytes=min(limits.max_bytes or room, room))
@@ -180,15 +183,26 @@ def run(opt_ml_dir: Path) -> dict[str, Any]:
     try:
         spec = DatasetSpec.from_json(document["spec"])
         with path.open("rb") as raw:
-            gzipped = source["key"].lower().endswith(".gz")
-            manifest = preprocess(
-                cast(IO[bytes], gzip.GzipFile(fileobj=raw)) if gzipped else raw,
-                spec=spec,
-                open_split=lambda split: _split_writer(processed / split / SPLIT_FILE),
-                provenance=provenance,
-                fmt=fmt,
-                limits=limits,
-            )
+            if fmt == "zip":
+                manifest = images.preprocess_zip(
+                    raw,
+                    spec=spec,
+                    open_split=lambda split: _split_writer(
+                        processed / split / images.SPLIT_FILE, binary=True
+                    ),
+                    provenance=provenance,
+                    limits=limits,
+                )
+            else:
+                gzipped = source["key"].lower().endswith(".gz")
+                manifest = preprocess(
+                    cast(IO[bytes], gzip.GzipFile(fileobj=raw)) if gzipped else raw,
+                    spec=spec,
+                    open_split=lambda split: _split_writer(processed / split / SPLIT_FILE),
+                    provenance=provenance,
+                    fmt=fmt,
+                    limits=limits,
+                )
     except DatasetRejected as rejected:
         report = quarantine_report(rejected, provenance)
         (quarantine / QUARANTINE_REPORT).write_text(

@@ -169,3 +169,28 @@ def test_spec_validation():
     assert DatasetSpec.from_json({"serving": "serverless"}).serving == "serverless"
     with pytest.raises(DatasetRejected, match="serving must be 'instances' or 'serverless'"):
         DatasetSpec.from_json({"serving": "lambda"})
+    assert DatasetSpec.from_json({}).recipe is None
+    assert DatasetSpec.from_json({"recipe": "image"}).recipe == "image"
+    with pytest.raises(DatasetRejected, match="recipe must be 'tabular', 'text', 'image'"):
+        DatasetSpec.from_json({"recipe": "cnn"})
+
+
+def test_the_spec_recipe_overrides_the_inferred_one_within_what_the_data_allows():
+    rng = random.Random(4)
+    words = ["the", "film", "was", "good", "bad", "long", "short", "plot"]
+    reviews = table(["review", "label"], [[" ".join(rng.choices(words, k=5)), i % 2] for i in range(200)])
+    numbers = table(["x", "y"], [[i, i % 2] for i in range(200)])
+
+    manifest, _ = run(reviews)
+    assert manifest["recipe"] == "text"
+    assert "recipe: text (free-text column 'review')" in manifest["inferred"]
+    manifest, _ = run(reviews, DatasetSpec(recipe="tabular"))
+    assert manifest["recipe"] == "tabular"
+    assert "recipe: tabular from conveyor.json" in manifest["inferred"]
+    manifest, _ = run(numbers)
+    assert manifest["recipe"] == "tabular"
+    assert "recipe: tabular (no free-text column)" in manifest["inferred"]
+    with pytest.raises(DatasetRejected, match="recipe 'text', but no feature column is free text"):
+        run(numbers, DatasetSpec(recipe="text"))
+    with pytest.raises(DatasetRejected, match=r"recipe 'image'.*upload a \.zip"):
+        run(numbers, DatasetSpec(recipe="image"))
