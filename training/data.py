@@ -25,7 +25,7 @@ SPLITS = ("train", "validation", "test")
 _INTEGER = re.compile(r"^[+-]?\d+$")
 # The contract's tokeniser (docs/contracts.md, section 2): Unicode word characters of the lower-cased text.
 _TOKEN = re.compile(r"\w+")
-FEATURE_TYPES = ("numeric", "categorical", "text")
+FEATURE_TYPES = ("numeric", "categorical", "text", "image")
 # How text features reach the network: counts of vocabulary tokens (the tabular recipe's MLP), or each
 # value's token ids in order (the text recipe's sequence encoder).
 TEXT_ENCODINGS = ("bag_of_words", "sequence")
@@ -127,7 +127,7 @@ def _check_manifest(manifest: Any, path: Path) -> None:
     features = [c for c in manifest["columns"] if c.get("role") == "feature"]
     if not features:
         raise DataError(f"{path}: the manifest has no feature columns")
-    needs = {"numeric": ("mean", "std"), "categorical": ("categories",), "text": ("vocabulary",)}
+    needs = {"numeric": ("mean", "std"), "categorical": ("categories",), "text": ("vocabulary",), "image": ()}
     for column in features:
         stats = column.get("stats") or {}
         needed = needs.get(column.get("type"))
@@ -140,7 +140,7 @@ def _check_manifest(manifest: Any, path: Path) -> None:
         ):
             raise DataError(
                 f"{path}: feature {column.get('name')!r} needs type numeric (stats mean, std), "
-                "categorical (stats categories) or text (stats vocabulary, a list of tokens)"
+                "categorical (stats categories), text (stats vocabulary, a list of tokens) or image"
             )
 
 
@@ -149,8 +149,10 @@ class Split:
     """One split's columns as lists of the original strings, read from every ``*.csv`` of its channel."""
 
     name: str
-    columns: dict[str, list[str]] = field(default_factory=dict)
+    columns: dict[str, list[Any]] = field(default_factory=dict)
     rows: int = 0
+    # Where each row came from, for messages (an image split's entry names); empty for CSV splits.
+    entries: list[str] = field(default_factory=list)
 
     def drop_missing(self, column: str) -> int:
         """Drop the rows whose `column` is missing; return how many were dropped."""
@@ -247,6 +249,9 @@ class Encoder:
     - ``sequence``: the value's first `sequence_length` tokens as ids (`PAD_ID`, `OTHER_ID`,
       `FIRST_TOKEN_ID` onwards in vocabulary order), padded with `PAD_ID`; a missing value is all padding.
       These form a second input beside the other features' matrix (`encode_inputs`).
+
+    An image dataset has one feature of type ``image``: its files are decoded to ``image_size`` squares of
+    uint8 RGB (`images.decode_images`); the network normalises and augments them itself.
     """
 
     def __init__(
@@ -308,6 +313,7 @@ class Encoder:
         max_vocabulary: int | None = None,
         text_encoding: str = "bag_of_words",
         sequence_length: int = 0,
+        image_size: int = 64,
     ) -> Encoder:
         """Build the encoder from a manifest (contract section 2).
 
@@ -323,6 +329,8 @@ class Encoder:
             manifest lists them first); None keeps them all.
         text_encoding, sequence_length
             How text features are encoded (see the class).
+        image_size
+            The side of the square an image feature is decoded to.
 
         Returns
         -------
@@ -335,8 +343,10 @@ class Encoder:
                 target_stats = column.get("stats") or {}
             if column.get("role") != "feature":
                 continue
-            stats = column["stats"]
-            if column["type"] == "numeric":
+            stats = column.get("stats") or {}
+            if column["type"] == "image":
+                features.append({"name": column["name"], "type": "image", "image_size": int(image_size)})
+            elif column["type"] == "numeric":
                 features.append(
                     {
                         "name": column["name"],
@@ -425,18 +435,25 @@ class Encoder:
         return [f for f in self.features if f["type"] == "text" and self.text_encoding == "sequence"]
 
     @property
+    def image(self) -> dict[str, Any] | None:
+        """The image feature of an image dataset (its only feature), else None."""
+        return next((f for f in self.features if f["type"] == "image"), None)
+
+    @property
     def width(self) -> int:
-        """How many columns the matrix of `encode` has (text features encoded as sequences are not in it)."""
+        """How many columns the matrix of `encode` has (text features encoded as sequences, and images, are
+        not in it)."""
         return sum(
             1 if f["type"] == "numeric" else len(slots) + 1
             for f, slots in zip(self.features, self._slots, strict=True)
-            if not (f["type"] == "text" and self.text_encoding == "sequence")
+            if not (f["type"] == "text" and self.text_encoding == "sequence") and f["type"] != "image"
         )
 
     @property
     def row_bytes(self) -> int:
-        """Memory one encoded row takes: its float32 matrix row and its int32 token ids."""
-        return 4 * (self.width + len(self.sequences) * self.sequence_length)
+        """Memory one encoded row takes: its float32 matrix row, its int32 token ids, its uint8 pixels."""
+        pixels = 3 * self.image["image_size"] ** 2 if self.image else 0
+        return 4 * (self.width + len(self.sequences) * self.sequence_length) + pixels
 
     @property
     def output_width(self) -> int:
@@ -470,6 +487,8 @@ class Encoder:
                 scaled = (numbers - feature["mean"]) / feature["std"]
                 matrix[:, offset] = np.nan_to_num(scaled, nan=0.0)
                 offset += 1
+            elif feature["type"] == "image":
+                continue  # in `encode_inputs`
             elif feature["type"] == "text":
                 if self.text_encoding == "sequence":
                     continue  # in `encode_sequences`
@@ -504,9 +523,18 @@ class Encoder:
                 ]
         return ids
 
-    def encode_inputs(self, columns: Mapping[str, Sequence[Any]], rows: int) -> tuple[np.ndarray, ...]:
+    def encode_inputs(
+        self, columns: Mapping[str, Sequence[Any]], rows: int, entries: Sequence[str] = ()
+    ) -> tuple[np.ndarray, ...]:
         """Everything the network takes, in the order of its ``forward`` arguments: the matrix of `encode`,
-        then the token ids of `encode_sequences` when text is encoded as sequences."""
+        then the token ids of `encode_sequences` when text is encoded as sequences. An image dataset's
+        network takes its images alone: uint8, ``rows`` x 3 x size x size (`images.decode_images`, the
+        image file bytes of each row; `entries` name them in messages)."""
+        if self.image:
+            from images import decode_images  # only image models need Pillow
+
+            size = self.image["image_size"]
+            return (decode_images(columns[self.image["name"]], size, list(entries) or None),)
         if self.sequences:
             return self.encode(columns, rows), self.encode_sequences(columns, rows)
         return (self.encode(columns, rows),)
@@ -518,7 +546,8 @@ class Encoder:
         ----------
         instances
             JSON objects with every feature column as a key; ``null`` or ``""`` is missing; other keys are
-            ignored.
+            ignored. For an image model, ``{"image": "<base64 of the image file>"}``
+            (`images.encode_image_instances`).
 
         Returns
         -------
@@ -532,6 +561,10 @@ class Encoder:
             value is not a number, a text column whose value is not a string, or a categorical value that
             is neither a number nor a string.
         """
+        if self.image:
+            from images import encode_image_instances
+
+            return (encode_image_instances(instances, self.image["image_size"]),)
         columns: dict[str, list[Any]] = {name: [] for name in self.feature_names}
         for i, instance in enumerate(instances):
             if not isinstance(instance, Mapping):

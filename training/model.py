@@ -3,6 +3,7 @@
 - `TabularMLP` (the tabular recipe): numbers, one-hot categories and bags of words in one matrix.
 - `TextBiLSTM` (the text recipe): each text feature's tokens in order, read by a bidirectional LSTM, beside
   the other features' matrix.
+- ``images.ImageCNN`` (the image recipe), in ``images.py`` beside the Pillow decoding it is trained and served with.
 
 Shipped with the model (``code/model.py``): `inference.py` rebuilds the network from the saved architecture.
 """
@@ -16,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-ARCHITECTURES = ("tabular_mlp", "text_bilstm")
+ARCHITECTURES = ("tabular_mlp", "text_bilstm", "image_cnn")
 
 
 class TabularMLP(nn.Module):
@@ -172,7 +173,7 @@ def build_model(architecture: Mapping[str, Any]) -> nn.Module:
     architecture
         What the network's ``architecture()`` returned: ``{"name": "tabular_mlp", "in_features",
         "out_features", "hidden_units", "dropout"}``, or ``"text_bilstm"`` with ``vocabulary_sizes``,
-        ``embedding_dim`` and ``sequence_units`` too.
+        ``embedding_dim`` and ``sequence_units`` too, or ``"image_cnn"`` (``images.ImageCNN``).
 
     Returns
     -------
@@ -182,6 +183,10 @@ def build_model(architecture: Mapping[str, Any]) -> nn.Module:
     name = architecture.get("name")
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; this model.py knows {', '.join(ARCHITECTURES)}")
+    if name == "image_cnn":
+        from images import ImageCNN  # only image models need Pillow
+
+        return ImageCNN.from_architecture(architecture)
     common = {
         "in_features": int(architecture["in_features"]),
         "out_features": int(architecture["out_features"]),

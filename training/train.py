@@ -2,8 +2,9 @@
 and save a model that serves itself (docs/contracts.md, section 3).
 
 The recipe (the manifest's, or the ``recipe`` hyperparameter) picks the network: a tabular MLP over
-numbers, categories and bags of words, or a BiLSTM text model. One training loop, `fit`, trains either:
-it sees tensors, an objective and a network, never the task.
+numbers, categories and bags of words, a BiLSTM text model, or a CNN for a dataset of class folders of
+images. One training loop, `fit`, trains any of them: it sees tensors, an objective and a network, never
+the task.
 
 The container contract (``SM_MODEL_DIR``, ``SM_OUTPUT_DATA_DIR``, ``SM_CHANNEL_*``, ``SM_HPS``) gives the
 defaults, so the same file runs in the AWS PyTorch training image and on a laptop::
@@ -45,16 +46,17 @@ from report import write_report
 log = logging.getLogger("train")
 HERE = Path(__file__).resolve().parent
 # What `code/` in model.tar.gz needs for the SageMaker PyTorch serving container to load the model.
-SERVING_FILES = ("inference.py", "model.py", "data.py")
+SERVING_FILES = ("inference.py", "model.py", "data.py", "images.py")
 SERVING_REQUIREMENTS = (
-    "# The AWS PyTorch inference image provides torch and numpy; inference.py needs nothing else.\n"
+    "# The AWS PyTorch inference image provides torch, numpy and Pillow (image models); inference.py needs\n"
+    "# nothing else.\n"
 )
 CONFIG_FORMAT_VERSION = 1
 PREDICT_BATCH_ROWS = 65_536
 # At most this share of free memory goes to the encoded splits; the rest is for the model, batches, Python.
 MEMORY_SHARE = 0.5
 CHANNELS = (*SPLITS, "manifest")
-RECIPES = ("tabular", "text")
+RECIPES = ("tabular", "text", "image")
 # Default vocabulary per text feature: bag-of-words slots are dense inputs, embeddings rows are cheap.
 DEFAULT_VOCABULARY = {"tabular": 2_000, "text": 20_000}
 HYPERPARAMETERS = (
@@ -70,6 +72,7 @@ HYPERPARAMETERS = (
     "max_sequence_length",
     "embedding_dim",
     "sequence_units",
+    "image_size",
     "seed",
     "patience",
     "checkpoint_steps",
@@ -144,8 +147,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--recipe",
         default="auto",
         choices=("auto", *RECIPES),
-        help="tabular (an MLP; text as bags of words) or text (a BiLSTM reads text in order); "
-        "auto: the manifest's recipe",
+        help="tabular (an MLP; text as bags of words), text (a BiLSTM reads text in order) or image (a "
+        "CNN; image datasets only); auto: the manifest's recipe",
     )
     hyper.add_argument("--epochs", type=int, default=60)
     hyper.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
@@ -193,6 +196,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=64,
         help="text recipe: LSTM units per direction",
+    )
+    hyper.add_argument(
+        "--image-size",
+        "--image_size",
+        dest="image_size",
+        type=int,
+        default=64,
+        help="image recipe: the side of the square each image is resized and cropped to, in pixels",
     )
     hyper.add_argument("--seed", type=int, default=7)
     hyper.add_argument("--patience", type=int, default=8, help="epochs without a lower validation loss")
@@ -245,6 +256,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "max_sequence_length": args.max_sequence_length >= 1,
         "embedding_dim": args.embedding_dim >= 1,
         "sequence_units": args.sequence_units >= 1,
+        "image_size": 8 <= args.image_size <= 1024,
         "checkpoint_steps": args.checkpoint_steps >= 0,
     }
     bad = [f"{name}={getattr(args, name)}" for name, ok in checks.items() if not ok]
@@ -581,13 +593,18 @@ def choose_recipe(args: argparse.Namespace, manifest: dict[str, Any]) -> str:
         raise ConfigurationError(
             f"the manifest asks for the {recipe!r} recipe; this training code has {', '.join(RECIPES)}"
         )
-    text = [c["name"] for c in manifest["columns"] if c.get("role") == "feature" and c.get("type") == "text"]
-    if recipe == "text" and not text:
+    types = {c.get("type") for c in manifest["columns"] if c.get("role") == "feature"}
+    if recipe == "text" and "text" not in types:
         raise ConfigurationError(
             "the text recipe reads text features, and this dataset has none: use recipe tabular"
         )
+    if (recipe == "image") != ("image" in types):
+        raise ConfigurationError(
+            f"the {recipe} recipe cannot train on this dataset: the image recipe is for datasets of images "
+            "(a zip of class folders), and only for them"
+        )
     if args.max_vocabulary is None:
-        args.max_vocabulary = DEFAULT_VOCABULARY[recipe]
+        args.max_vocabulary = DEFAULT_VOCABULARY.get(recipe)
     args.recipe = recipe
     return recipe
 
@@ -598,6 +615,16 @@ def load_splits(args: argparse.Namespace) -> tuple[dict[str, Any], Encoder, dict
     manifest = read_manifest(args.manifest)
     recipe = choose_recipe(args, manifest)
     target = manifest["target"]
+    if recipe == "image":
+        from images import read_image_split  # only image datasets need Pillow
+
+        splits = {}
+        for name in SPLITS:
+            images = read_image_split(getattr(args, name), name)
+            feature = next(c["name"] for c in manifest["columns"] if c.get("role") == "feature")
+            columns = {feature: images.images, target: images.labels}
+            splits[name] = Split(name, columns, images.rows, images.entries)
+        return manifest, Encoder.from_manifest(manifest, image_size=args.image_size), splits
     features = [c["name"] for c in manifest["columns"] if c.get("role") == "feature"]
     splits = {}
     for name in SPLITS:
@@ -657,7 +684,11 @@ def check_memory(
     )
     budget = int(available * MEMORY_SHARE / rows) // 4  # 4-byte values a row may take
     text = [f for f in encoder.features if f["type"] == "text"]
-    if encoder.sequences:
+    if encoder.image:
+        side = int(math.sqrt(budget * 4 / 3))
+        per_feature = side if side >= 8 else 0
+        hint = f"lower the hyperparameter image_size (now {encoder.image['image_size']}) to at most {side}"
+    elif encoder.sequences:
         per_feature = (budget - encoder.width) // len(encoder.sequences)
         hint = f"lower the hyperparameter max_sequence_length (now {encoder.sequence_length}) to at most {per_feature}"
     elif text:
@@ -718,7 +749,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     check_memory(encoder, splits, device, args)
     tensors = {}
     for name, split in splits.items():
-        x = tuple(torch.from_numpy(a).to(device) for a in encoder.encode_inputs(split.columns, split.rows))
+        encoded = encoder.encode_inputs(split.columns, split.rows, split.entries)
+        x = tuple(torch.from_numpy(a).to(device) for a in encoded)
         y = torch.from_numpy(encoder.encode_target(split.columns[encoder.target])).to(device)
         tensors[name] = (x, y)
     log.info(
@@ -736,11 +768,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         encoder.width,
         f" and {len(encoder.sequences)} token sequence(s) of {encoder.sequence_length}"
         if encoder.sequences
+        else f" and images of {encoder.image['image_size']} x {encoder.image['image_size']} pixels"
+        if encoder.image
         else "",
         device,
     )
 
-    network = build_network(args, encoder).to(device)
+    network = build_network(args, encoder, tensors["train"][0]).to(device)
     objective: Objective
     train_truth = tensors["train"][1].cpu().numpy()
     if encoder.task == "classification":
@@ -807,8 +841,16 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     return evaluation
 
 
-def build_network(args: argparse.Namespace, encoder: Encoder) -> nn.Module:
-    """The recipe's network for the encoder's inputs and outputs, freshly initialised."""
+def build_network(
+    args: argparse.Namespace, encoder: Encoder, train_inputs: tuple[torch.Tensor, ...]
+) -> nn.Module:
+    """The recipe's network for the encoder's inputs and outputs, freshly initialised (an image network
+    with the train images' channel statistics, which it normalises by)."""
+    if encoder.image:
+        from images import ImageCNN, channel_statistics
+
+        mean, std = channel_statistics(train_inputs[0].cpu().numpy())
+        return ImageCNN(encoder.output_width, encoder.image["image_size"], mean, std, dropout=args.dropout)
     if encoder.sequences:
         return TextBiLSTM(
             encoder.width,
@@ -853,7 +895,7 @@ def final_line(evaluation: dict[str, Any]) -> str:
 
 def save(
     args: argparse.Namespace,
-    network: TabularMLP | TextBiLSTM,
+    network: nn.Module,
     encoder: Encoder,
     manifest: dict[str, Any],
     evaluation: dict[str, Any],

@@ -1,10 +1,12 @@
 """The training recipe end to end on small synthetic datasets: train.py as SageMaker runs it, the artefact it
 leaves, and the serving handlers loaded from the artefact's own code/ (docs/contracts.md, sections 2-4)."""
 
+import base64
 import contextlib
 import csv
 import importlib
 import inspect
+import io
 import json
 import math
 import os
@@ -928,6 +930,139 @@ def test_a_text_network_is_rebuilt_from_its_architecture(training_modules):
     # Padding is padding: what lies beyond a value's last token does not change its reading.
     longer = torch.cat([tokens, torch.zeros(6, 2, 3, dtype=torch.int32)], dim=2)
     torch.testing.assert_close(network(features, longer), outputs)
+
+
+# --- the image recipe: a CNN on class folders of images --------------------------------------------------
+
+SHAPES = ("checks", "horizontal", "vertical")
+
+
+def shape_image(kind, rng, size=24):
+    """Stripes or checks in random colours, shifted and noisy, as a PNG or JPEG file's bytes."""
+    from PIL import Image
+
+    period, shift = rng.randint(4, 7), rng.randint(0, 6)
+    ink = tuple(rng.randint(0, 120) for _ in range(3))
+    paper = tuple(rng.randint(150, 255) for _ in range(3))
+    image = Image.new("RGB", (size, size), paper)
+    pixels = image.load()
+    half = period // 2
+    for y in range(size):
+        for x in range(size):
+            if kind == "horizontal":
+                on = (y + shift) // half % 2
+            elif kind == "vertical":
+                on = (x + shift) // half % 2
+            else:
+                on = ((x + shift) // 3 + y // 3) % 2
+            if on and rng.random() > 0.05:
+                pixels[x, y] = ink
+    buffer = io.BytesIO()
+    image.save(buffer, rng.choice(["PNG", "JPEG"]), **({} if rng.random() < 0.5 else {"quality": 90}))
+    return buffer.getvalue()
+
+
+def image_channels(root, rng, per_class=(80, 12, 14)):
+    """train and test as one zip each (as preprocessing writes them), validation as class folders."""
+    import zipfile
+
+    channels = {}
+    for split, count in zip(("train", "validation", "test"), per_class, strict=True):
+        directory = root / split
+        directory.mkdir(parents=True)
+        files = {f"{kind}/{split}-{i}.img": shape_image(kind, rng) for kind in SHAPES for i in range(count)}
+        if split == "validation":
+            for name, data in files.items():
+                (directory / name).parent.mkdir(exist_ok=True)
+                (directory / name.replace(".img", ".png")).write_bytes(data)
+        else:
+            with zipfile.ZipFile(directory / "part-00000.zip", "w", zipfile.ZIP_STORED) as archive:
+                for name, data in sorted(files.items()):
+                    archive.writestr(name.replace(".img", ".jpg"), data)
+        channels[split] = directory
+    manifest = {
+        "schema_version": 1,
+        "dataset": "shapes",
+        "version": "20261130T120000Z-abcdef",
+        "format": "zip",
+        "task": "classification",
+        "recipe": "image",
+        "target": "label",
+        "labels": list(SHAPES),
+        "columns": [
+            {"name": "image", "role": "feature", "type": "image", "stats": {"count": 3 * per_class[0]}},
+            {"name": "label", "role": "target", "type": "categorical", "stats": {"count": 3 * per_class[0]}},
+        ],
+    }
+    (root / "manifest").mkdir()
+    (root / "manifest" / "manifest.json").write_text(json.dumps(manifest))
+    channels["manifest"] = root / "manifest"
+    return channels, manifest
+
+
+def run_image_training(root, *extra):
+    channels, manifest = image_channels(root / "input", random.Random(31))
+    ml = root / "opt/ml"
+    env = {
+        **os.environ,
+        "SM_MODEL_DIR": str(ml / "model"),
+        "SM_OUTPUT_DATA_DIR": str(ml / "output/data"),
+        "SM_OUTPUT_DIR": str(ml / "output"),
+        "SM_CHECKPOINT_DIR": str(root / "checkpoints"),
+        **{f"SM_CHANNEL_{name.upper()}": str(path) for name, path in channels.items()},
+    }
+    command = [sys.executable, str(TRAINING / "train.py"), "--image_size", "16", "--epochs", "12", *extra]
+    completed = subprocess.run(command, env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    return TrainedCase(root, channels, manifest, completed)
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    case = run_image_training(tmp_path_factory.mktemp("shapes"))
+    assert case.completed.returncode == 0, case.completed.stdout[-3000:] + case.completed.stderr[-3000:]
+    return case
+
+
+def test_the_image_recipe_learns_shapes_from_class_folders(shapes):
+    summary = shapes.evaluation()["conveyor"]
+    assert summary["test_rows"] == 3 * 14 and summary["value"] >= 0.9, summary
+    config = json.loads((shapes.model_dir / "model_config.json").read_text())
+    assert config["features"] == [{"name": "image", "type": "image", "image_size": 16}]
+    assert config["architecture"]["name"] == "image_cnn" and config["architecture"]["image_size"] == 16
+    assert summary["hyperparameters"]["recipe"] == "image"
+    assert (shapes.model_dir / "code/images.py").is_file()
+    assert "images of 16 x 16 pixels" in shapes.completed.stdout
+    assert (shapes.output_dir / "confusion_matrix.png").is_file()
+
+
+def test_served_image_predictions_match_the_evaluation(shapes):
+    import zipfile
+
+    with zipfile.ZipFile(shapes.channels["test"] / "part-00000.zip") as archive:
+        files = [(name.split("/")[0], archive.read(name)) for name in archive.namelist()]
+    instances = [{"image": base64.b64encode(data).decode()} for _, data in files]
+    with served(shapes) as (inference, model):
+        predictions = serve(inference, model, instances)["predictions"]
+        with pytest.raises(inference.InvalidInput) as raised:
+            inference.input_fn(json.dumps({"instances": [instances[0], {"image": "bm90IGFuIGltYWdl"}]}))
+    assert raised.value.status_code == 400 and str(raised.value).startswith(
+        'instance 1: "image" is not a decodable image'
+    )
+    accuracy = np.mean([p["label"] == label for p, (label, _) in zip(predictions, files, strict=True)])
+    assert accuracy == pytest.approx(shapes.evaluation()["conveyor"]["value"])
+    assert set(predictions[0]["probabilities"]) == set(SHAPES)
+
+
+def test_only_the_image_recipe_trains_on_images_and_only_on_images(tmp_path, tiers):
+    case = run_image_training(tmp_path / "tabular", "--recipe", "tabular")
+    assert case.completed.returncode == 1
+    reason = (tmp_path / "tabular/opt/ml/output/failure").read_text()
+    assert reason.startswith("the tabular recipe cannot train on this dataset: the image recipe is for")
+    command, env = training_command(
+        tmp_path / "image", tier_rows(30, random.Random(1)), tiers.manifest, "--recipe", "image"
+    )
+    assert subprocess.run(command, env=env, capture_output=True, timeout=120).returncode == 1
+    assert (tmp_path / "image/opt/ml/output/failure").read_text().startswith("the image recipe cannot train")
 
 
 # --- mixed precision and torch.compile ------------------------------------------------------------------

@@ -1,0 +1,638 @@
+"""The image recipe: read a split of class folders, decode images to square uint8 tensors, and the CNN that
+trains on them (docs/contracts.md, sections 3 and 4).
+
+Normalisation and augmentation live inside `ImageCNN`, so serving (`encode_image_instances`, then the network
+in eval mode) runs exactly the preprocessing of training. Standard library, numpy, torch and Pillow only:
+this file also runs in the AWS PyTorch serving image, next to ``inference.py``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import io
+import logging
+import math
+import os
+import re
+import time
+import warnings
+import zipfile
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import nn
+from torch.nn import functional
+
+from data import DataError
+
+log = logging.getLogger("train")
+
+# The contract's image files (any case); anything else in a class folder is skipped.
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+# Pillow may open only these formats, those of the suffixes above (JPEG's opener also returns cameras' MPO
+# files). Requests are untrusted, and some other plugins are large attack surfaces (EPS runs Ghostscript).
+IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
+# Names the contract ignores wherever they appear, besides dot files and __MACOSX/.
+IGNORED_NAMES = frozenset({"thumbs.db", "desktop.ini"})
+DEFAULT_IMAGE_SIZE = 64
+# A JPEG is decoded at a reduced DCT scale while it stays at least this many times the target size, so the
+# filter still has real pixels to average; Pillow's thumbnail() uses the same margin.
+DRAFT_GAP = 2
+# resize() first box-reduces by an integer factor while the image stays this many times the target size;
+# Pillow's documentation: from 3.0 on the result is practically that of a full resampling.
+REDUCING_GAP = 3.0
+PROGRESS_EVERY = 5_000
+# Below this many images a pool costs more than it saves.
+PARALLEL_MIN_IMAGES = 256
+_BASE64_DATA_URI = re.compile(r"^data:[^,;]*(;[^,;]*)*;base64,", re.IGNORECASE)
+_GREY_MODES = frozenset({"1", "L"})
+# decode_image refuses images above the limit with a message naming them (Pillow itself only warns up to twice
+# the limit). A filter set once: warnings.catch_warnings() is not thread-safe, and decode_images uses threads.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+
+class UndecodableImage(DataError):
+    """An image file Pillow cannot decode; `reason` says why without naming the image."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"cannot decode {name}: {reason}")
+        self.reason = reason
+
+
+@dataclass
+class ImageSplit:
+    """One split's images, read from every ``*.zip`` of its channel (or from its class folders).
+
+    Attributes
+    ----------
+    name
+        The split's name, for messages.
+    images
+        Each image file's bytes, unchanged.
+    labels
+        Each image's class: the first folder of its entry.
+    entries
+        Each image's name, for messages: ``cat/1.jpg`` in a class-folder channel, ``part-00000.zip:cat/1.jpg``
+        in a zip channel.
+    skipped
+        Files that are not images by their suffix (ignored junk such as ``.DS_Store`` is not counted).
+    """
+
+    name: str
+    images: list[bytes] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    entries: list[str] = field(default_factory=list)
+    skipped: int = 0
+
+    @property
+    def rows(self) -> int:
+        """How many images the split holds."""
+        return len(self.images)
+
+
+def read_image_split(channel: str | Path, name: str) -> ImageSplit:
+    """Read the images and their classes from a split channel.
+
+    Parameters
+    ----------
+    channel
+        The channel directory. Its ``*.zip`` files (any depth, in name order) hold entries
+        ``<class>/<image>``; a channel without zips is read as a tree of class folders instead (local use).
+    name
+        The split's name, for messages.
+
+    Returns
+    -------
+    ImageSplit
+        The image files' bytes with their classes, in a deterministic order (zips and folders by name,
+        entries in zip order). Directory entries, ``__MACOSX/``, dot files, ``Thumbs.db`` and ``desktop.ini``
+        are ignored; other files without an image suffix are skipped and counted.
+
+    Raises
+    ------
+    DataError
+        When the channel is missing or holds no images, a zip is not a valid zip (or an entry is encrypted,
+        corrupt or escapes its folder), or an image lies outside any class folder.
+    """
+    directory = Path(channel)
+    if not directory.is_dir():
+        raise DataError(f"{name} channel {directory} does not exist")
+    split = ImageSplit(name)
+    archives = sorted(
+        p
+        for p in directory.rglob("*")
+        if p.suffix.lower() == ".zip"
+        and p.is_file()
+        and not _ignored_entry(p.relative_to(directory).as_posix())
+    )
+    if archives:
+        for archive in archives:
+            _read_zip(archive, directory, split)
+    else:
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            entry = path.relative_to(directory).as_posix()
+            if not _ignored_entry(entry):
+                _add(split, entry, entry, path.read_bytes)
+    if not split.rows:
+        what = "zip files" if archives else "class folders"
+        raise DataError(
+            f"{name} channel {directory} holds no images (read as {what}; image suffixes: "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    if split.skipped:
+        log.warning("%s split: skipped %d files that are not images", name, split.skipped)
+    return split
+
+
+def _read_zip(archive: Path, directory: Path, split: ImageSplit) -> None:
+    where = archive.relative_to(directory).as_posix()
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            for info in zipped.infolist():
+                entry = info.filename
+                if entry.startswith("/") or ".." in entry.split("/"):
+                    raise DataError(f"{split.name} split: {where} has an entry outside its folder: {entry!r}")
+                if info.is_dir() or _ignored_entry(entry):
+                    continue
+                if info.flag_bits & 0x1:
+                    raise DataError(f"{split.name} split: {where}:{entry} is encrypted")
+                _add(split, entry, f"{where}:{entry}", lambda info=info: zipped.read(info))
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, NotImplementedError) as error:
+        # BadZipFile covers a bad CRC too, zlib.error corrupt deflated data, NotImplementedError an
+        # unsupported compression method.
+        raise DataError(f"{split.name} split: {where} is not a readable zip: {error}") from error
+
+
+def _add(split: ImageSplit, entry: str, label_of: str, read: Any) -> None:
+    # `entry` is the path below the channel or inside the zip; the class is its first folder.
+    if PurePosixPath(entry).suffix.lower() not in IMAGE_SUFFIXES:
+        split.skipped += 1
+        return
+    folders = entry.split("/")
+    if len(folders) < 2 or not folders[0].strip():
+        raise DataError(
+            f"{split.name} split: image {label_of} is outside any class folder (expected <class>/<image>)"
+        )
+    split.images.append(read())
+    split.labels.append(folders[0])
+    split.entries.append(label_of)
+
+
+def _ignored(part: str) -> bool:
+    return part.startswith(".") or part.lower() in IGNORED_NAMES
+
+
+def _ignored_entry(entry: str) -> bool:
+    parts = [p for p in entry.split("/") if p]
+    return not parts or parts[0] == "__MACOSX" or any(_ignored(p) for p in parts)
+
+
+def decode_image(data: bytes, size: int, name: str = "") -> np.ndarray:
+    """Decode an image file to a square RGB array, as training and serving both see it.
+
+    EXIF orientation is applied; greyscale, palette, CMYK and 16-bit images become RGB, and transparency is
+    composited on white. The shorter side is resized to `size` and the centre cropped square, in one
+    resampling. A large JPEG is decoded at a reduced scale first, which is much faster and keeps at least
+    twice the target resolution.
+
+    Parameters
+    ----------
+    data
+        The image file's bytes (JPEG, PNG, BMP, GIF, WebP or TIFF; the first frame of an animation).
+    size
+        Side of the square output, in pixels.
+    name
+        What to call the image in an error message (an entry name, a request's instance).
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8, shape ``(3, size, size)``.
+
+    Raises
+    ------
+    UndecodableImage
+        A `DataError` naming the image when Pillow cannot decode it, or when it has more pixels than
+        Pillow's decompression-bomb limit (``PIL.Image.MAX_IMAGE_PIXELS``).
+    """
+    label = name or "image"
+    try:
+        with Image.open(io.BytesIO(data), formats=_open_formats()) as image:
+            pixels = image.width * image.height
+            if Image.MAX_IMAGE_PIXELS and pixels > Image.MAX_IMAGE_PIXELS:
+                raise UndecodableImage(
+                    label,
+                    f"{image.width}x{image.height} pixels is above the decompression-bomb limit of "
+                    f"{Image.MAX_IMAGE_PIXELS} pixels",
+                )
+            image.draft(None, (size * DRAFT_GAP, size * DRAFT_GAP))
+            return _square_rgb(ImageOps.exif_transpose(image), size)
+    except UndecodableImage:
+        raise
+    except UnidentifiedImageError as error:
+        # Pillow's message shows the repr of an in-memory file object.
+        formats = ", ".join(_open_formats())
+        raise UndecodableImage(label, f"not an image file Pillow can open ({formats})") from error
+    except Image.DecompressionBombError as error:
+        raise UndecodableImage(label, str(error)) from error
+    except MemoryError:
+        raise
+    except Exception as error:
+        # Pillow raises many types for broken files (OSError, SyntaxError, ValueError, struct.error, ...).
+        raise UndecodableImage(label, str(error) or type(error).__name__) from error
+
+
+@functools.cache
+def _open_formats() -> tuple[str, ...]:
+    # Pillow fails every open with a KeyError when `formats` names a plugin this build lacks (WebP can be
+    # compiled out), so only the available ones are passed.
+    Image.init()
+    return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
+
+
+def _square_rgb(image: Image.Image, size: int) -> np.ndarray:
+    image = _rgb_or_grey(image)
+    width, height = image.size
+    side = min(width, height)
+    box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
+    square = image.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=REDUCING_GAP)
+    # Greyscale is resampled as one channel, a third of the work, and only then made RGB.
+    pixels = np.asarray(square.convert("RGB") if square.mode != "RGB" else square)
+    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+
+def _rgb_or_grey(image: Image.Image) -> Image.Image:
+    mode = image.mode
+    if mode == "RGB" or mode in _GREY_MODES:
+        return image.convert("L") if mode == "1" else image
+    if mode == "P":
+        transparent = "transparency" in image.info
+        image = image.convert("RGBA" if transparent else "RGB")
+        mode = image.mode
+    if mode.startswith(("I", "F")):
+        return Image.fromarray(_eight_bit(np.asarray(image), mode))
+    if "A" in mode or "a" in mode or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGB", rgba.size, (255, 255, 255))
+        white.paste(rgba, mask=rgba.getchannel("A"))
+        return white
+    return image.convert("RGB")
+
+
+def _eight_bit(pixels: np.ndarray, mode: str) -> np.ndarray:
+    # Pillow's own conversion clips 16-bit and float greyscale at 255, which turns most images white.
+    values = pixels.astype(np.float64)
+    if mode.startswith("F"):
+        top = 1.0 if values.size and np.nanmax(values) <= 1.0 else 255.0
+    elif mode.startswith("I;16"):
+        top = 65535.0
+    else:
+        peak = float(values.max()) if values.size else 0.0
+        top = 255.0 if peak <= 255 else 65535.0 if peak <= 65535 else peak
+    scaled = np.nan_to_num(values * (255.0 / top), nan=0.0)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def decode_images(
+    datas: Sequence[bytes], size: int, names: Sequence[str] | None = None, workers: int | None = None
+) -> np.ndarray:
+    """Decode many image files to one uint8 array, logging progress.
+
+    Parameters
+    ----------
+    datas
+        The image files' bytes.
+    size
+        Side of the square output, in pixels.
+    names
+        Each image's name for error messages (`ImageSplit.entries`); defaults to ``image <index>``.
+    workers
+        Decoding threads (Pillow releases the GIL while it decodes and resamples). Defaults to the CPUs
+        this process may use, at most 16; 1 decodes in the calling thread. The result does not depend on it.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8, shape ``(len(datas), 3, size, size)``, in the order of `datas`.
+
+    Raises
+    ------
+    DataError
+        For the first image (in order) that cannot be decoded, naming it.
+    """
+    count = len(datas)
+    if names is not None and len(names) != count:
+        raise ValueError(f"{len(names)} names for {count} images")
+    labels = names if names is not None else [f"image {i}" for i in range(count)]
+    output = np.empty((count, 3, size, size), dtype=np.uint8)
+    workers = min(available_cpus(), 16) if workers is None else max(1, int(workers))
+    if count < PARALLEL_MIN_IMAGES:
+        workers = 1
+    started = time.perf_counter()
+
+    def decode_into(index: int) -> None:
+        output[index] = decode_image(datas[index], size, labels[index])
+
+    done = 0
+    for done in _run(decode_into, count, workers):
+        if done % PROGRESS_EVERY == 0 and done < count:
+            rate = done / max(time.perf_counter() - started, 1e-9)
+            log.info("decoded %d of %d images (%.0f images/s)", done, count, rate)
+    if count:
+        elapsed = time.perf_counter() - started
+        log.info(
+            "decoded %d images to %dx%d in %.1fs (%.0f images/s, %d threads)",
+            count,
+            size,
+            size,
+            elapsed,
+            count / max(elapsed, 1e-9),
+            workers,
+        )
+    return output
+
+
+def _run(work: Any, count: int, workers: int) -> Iterator[int]:
+    # Yields how many are done after each image; raises the first failure in index order.
+    if workers <= 1:
+        for index in range(count):
+            work(index)
+            yield index + 1
+        return
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="decode") as pool:
+        # Submitted in windows so a failure stops the work soon and the futures list stays small.
+        window = workers * 64
+        for start in range(0, count, window):
+            futures = [pool.submit(work, i) for i in range(start, min(start + window, count))]
+            for offset, future in enumerate(futures):
+                try:
+                    future.result()
+                except BaseException:
+                    for pending in futures:
+                        pending.cancel()
+                    raise
+                yield start + offset + 1
+
+
+def available_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, which containers narrow), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def channel_statistics(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean and standard deviation of uint8 images, in [0, 1] units.
+
+    Parameters
+    ----------
+    images
+        uint8, shape ``(N, 3, H, W)``: the training split as `decode_images` returns it.
+
+    Returns
+    -------
+    tuple of list of float
+        ``(mean, std)``, three values each; a channel that never varies gets std 1 so normalising cannot
+        divide by zero.
+    """
+    if images.ndim != 4 or images.dtype != np.uint8 or not images.shape[0]:
+        raise ValueError(
+            f"expected a non-empty uint8 array of N x C x H x W images, got {images.dtype} {images.shape}"
+        )
+    channels = images.shape[1]
+    # Histograms are exact and need no float copy of the whole split.
+    counts = np.zeros((channels, 256), dtype=np.int64)
+    step = max(1, 4_000_000 // max(1, images[0, 0].size))
+    for start in range(0, images.shape[0], step):
+        chunk = images[start : start + step]
+        for c in range(channels):
+            counts[c] += np.bincount(chunk[:, c].ravel(), minlength=256)
+    levels = np.arange(256, dtype=np.float64) / 255.0
+    total = counts.sum(axis=1)
+    mean = (counts @ levels) / total
+    variance = np.maximum((counts @ levels**2) / total - mean**2, 0.0)
+    std = np.sqrt(variance)
+    std[std < 1e-6] = 1.0
+    return [float(m) for m in mean], [float(s) for s in std]
+
+
+def default_widths(image_size: int) -> list[int]:
+    """Channel widths per stage: one stage per halving until the feature map is about 4 pixels, 1 to 5.
+
+    64 pixels gives ``[32, 64, 128, 256]``, 32 gives ``[32, 64, 128]``, 16 gives ``[32, 64]``.
+    """
+    stages = min(5, max(1, int(math.log2(max(image_size, 8) / 4))))
+    return [32, 64, 128, 256, 256][:stages]
+
+
+class ImageCNN(nn.Module):
+    """A small VGG-style CNN over uint8 images that normalises and augments them itself.
+
+    Each stage is (Conv 3x3, BatchNorm, ReLU) twice, then a 2x2 max-pool; global average pooling, dropout and
+    a linear layer follow. In training mode a random horizontal flip and a random shift of up to an eighth
+    of the image (reflection padding) are applied to each image, drawn from torch's global RNG so a seeded
+    run repeats; in eval mode the input is only normalised, as in serving.
+
+    Parameters
+    ----------
+    out_features
+        One logit per class.
+    image_size
+        Side of the square input images.
+    mean, std
+        Per-channel statistics of the training images in [0, 1] units (`channel_statistics`).
+    widths
+        Channels of each stage; defaults to `default_widths` of `image_size`.
+    dropout
+        Dropout probability before the linear layer.
+    """
+
+    def __init__(
+        self,
+        out_features: int,
+        image_size: int = DEFAULT_IMAGE_SIZE,
+        mean: Sequence[float] = (0.5, 0.5, 0.5),
+        std: Sequence[float] = (0.25, 0.25, 0.25),
+        widths: Sequence[int] | None = None,
+        dropout: float = 0.2,
+    ) -> None:
+        super().__init__()
+        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+            raise ValueError(f"mean and std need three values, std positive; got {mean!r} and {std!r}")
+        self.out_features = int(out_features)
+        self.image_size = int(image_size)
+        self.mean = [float(m) for m in mean]
+        self.std = [float(s) for s in std]
+        self.widths = [int(w) for w in (default_widths(self.image_size) if widths is None else widths)]
+        if not self.widths:
+            raise ValueError("widths needs at least one stage")
+        self.dropout = float(dropout)
+        # uint8 -> normalised float in one multiply-add: (x / 255 - mean) / std.
+        std_tensor = torch.tensor(self.std).view(1, 3, 1, 1)
+        self.register_buffer("scale", 1.0 / (255.0 * std_tensor))
+        self.register_buffer("shift", -torch.tensor(self.mean).view(1, 3, 1, 1) / std_tensor)
+        layers: list[nn.Module] = []
+        channels = 3
+        for width in self.widths:
+            for _ in range(2):
+                layers += [
+                    nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                    nn.BatchNorm2d(width),
+                    nn.ReLU(inplace=True),
+                ]
+                channels = width
+            # ceil_mode: an odd or tiny feature map still pools rather than failing.
+            layers.append(nn.MaxPool2d(2, ceil_mode=True))
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Dropout(self.dropout),
+            nn.Linear(channels, self.out_features),
+        )
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits, one row per image of a uint8 ``(N, 3, image_size, image_size)`` batch."""
+        x = images.float() * self.scale + self.shift
+        if self.training:
+            x = augment(x)
+        # NHWC lets the convolutions use their fastest kernels on CPU (oneDNN) and on GPU tensor cores.
+        return self.head(self.features(x.contiguous(memory_format=torch.channels_last)))
+
+    def architecture(self) -> dict[str, Any]:
+        """What `from_architecture` needs to rebuild this network (saved in ``model_config.json``)."""
+        return {
+            "name": "image_cnn",
+            "out_features": self.out_features,
+            "image_size": self.image_size,
+            "mean": self.mean,
+            "std": self.std,
+            "widths": self.widths,
+            "dropout": self.dropout,
+        }
+
+    @classmethod
+    def from_architecture(cls, architecture: Mapping[str, Any]) -> ImageCNN:
+        """The network an `architecture` block describes, with fresh weights; load ``model.pth`` into it."""
+        if architecture.get("name") != "image_cnn":
+            raise ValueError(f"not an image_cnn architecture: {architecture.get('name')!r}")
+        return cls(
+            out_features=int(architecture["out_features"]),
+            image_size=int(architecture["image_size"]),
+            mean=architecture["mean"],
+            std=architecture["std"],
+            widths=architecture.get("widths"),
+            dropout=float(architecture.get("dropout", 0.0)),
+        )
+
+
+def augment(images: torch.Tensor) -> torch.Tensor:
+    """A random horizontal flip and a random shift of up to an eighth of the side, per image.
+
+    Parameters
+    ----------
+    images
+        Float ``(N, C, S, S)``, already normalised; the shift fills with reflected pixels.
+
+    Returns
+    -------
+    torch.Tensor
+        The same shape; randomness from torch's global RNG on the images' device.
+    """
+    count, channels, height, width = images.shape
+    device = images.device
+    flip = torch.rand(count, device=device) < 0.5
+    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
+    pad = min(height, width) // 8
+    if pad == 0:
+        return images
+    padded = functional.pad(images, (pad, pad, pad, pad), mode="reflect")
+    top = torch.randint(0, 2 * pad + 1, (count, 1), device=device)
+    left = torch.randint(0, 2 * pad + 1, (count, 1), device=device)
+    rows = (top + torch.arange(height, device=device)).view(count, 1, height, 1)
+    columns = (left + torch.arange(width, device=device)).view(count, 1, 1, width)
+    batch = torch.arange(count, device=device).view(count, 1, 1, 1)
+    channel = torch.arange(channels, device=device).view(1, channels, 1, 1)
+    return padded[batch, channel, rows, columns]
+
+
+def encode_image_instances(instances: Sequence[Any], size: int) -> np.ndarray:
+    """Check and decode request instances (contract, "Serving") as training decoded its images.
+
+    Parameters
+    ----------
+    instances
+        JSON objects whose ``"image"`` is the base64 of an image file: standard or URL-safe alphabet, with
+        or without padding, line breaks allowed, optionally as a ``data:image/...;base64,`` URI. Other keys
+        are ignored.
+    size
+        The model's image size.
+
+    Returns
+    -------
+    numpy.ndarray
+        uint8, shape ``(len(instances), 3, size, size)``.
+
+    Raises
+    ------
+    ValueError
+        Naming the first bad instance: not an object, no ``"image"`` key, not a string, not base64, or not
+        a decodable image.
+    """
+    output = np.empty((len(instances), 3, size, size), dtype=np.uint8)
+    for i, instance in enumerate(instances):
+        if not isinstance(instance, Mapping):
+            raise ValueError(
+                f'instance {i}: expected a JSON object with an "image" key, got {_json_kind(instance)}'
+            )
+        if "image" not in instance:
+            raise ValueError(f'instance {i}: missing "image" (the base64 of an image file)')
+        value = instance["image"]
+        if not isinstance(value, str):
+            raise ValueError(f'instance {i}: "image" must be a base64 string, got {_json_kind(value)}')
+        data = _base64_bytes(value)
+        if data is None:
+            raise ValueError(f'instance {i}: "image" is not valid base64')
+        if not data:
+            raise ValueError(f'instance {i}: "image" is empty')
+        try:
+            output[i] = decode_image(data, size, f"instance {i}")
+        except UndecodableImage as error:
+            raise ValueError(f'instance {i}: "image" is not a decodable image: {error.reason}') from None
+    return output
+
+
+def _base64_bytes(text: str) -> bytes | None:
+    text = _BASE64_DATA_URI.sub("", text.strip(), count=1)
+    text = "".join(text.split()).rstrip("=")
+    if len(text) % 4 == 1:
+        return None
+    # Either alphabet: '-' and '_' only occur in URL-safe base64, '+' and '/' only in the standard one.
+    text = text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    # Unlike data.py's, a string is not echoed: here it would be a whole image's base64.
+    return "a string" if isinstance(value, str) else repr(value)
