@@ -42,7 +42,8 @@ def load_sam_template(path: Path) -> dict[str, Any]:
 
 
 def _offline_ready(sam_template: dict[str, Any], base_dir: Path) -> dict[str, Any]:
-    """A copy of the template the translator accepts: S3 code locations and inline state machine definitions."""
+    """A copy of the template the translator accepts: S3 code and layer locations, and inline state machine
+    definitions."""
     template = copy.deepcopy(sam_template)
     function_globals = template.get("Globals", {}).get("Function", {})
     if isinstance(function_globals.get("CodeUri"), str):
@@ -51,6 +52,10 @@ def _offline_ready(sam_template: dict[str, Any], base_dir: Path) -> dict[str, An
         properties = resource.setdefault("Properties", {})
         if resource.get("Type") == "AWS::Serverless::Function" and isinstance(properties.get("CodeUri"), str):
             properties["CodeUri"] = PLACEHOLDER_CODE
+        if resource.get("Type") == "AWS::Serverless::LayerVersion" and isinstance(
+            properties.get("ContentUri"), str
+        ):
+            properties["ContentUri"] = PLACEHOLDER_CODE
         if resource.get("Type") == "AWS::Serverless::StateMachine" and isinstance(
             properties.get("DefinitionUri"), str
         ):
