@@ -28,6 +28,14 @@ class Settings:
     lambda_preprocess_max_bytes: int = 1_073_741_824
     # Endpoints nobody called for this many days are deleted (0: never).
     idle_endpoint_days: int = 0
+    # The training job's defaults (template parameters); a dataset's conveyor.json may override them.
+    training_instance_type: str = "ml.g5.xlarge"
+    training_instance_count: int = 1
+    training_use_spot: str = "true"
+    training_max_wait_seconds: int = 7200
+    training_max_runtime_seconds: int = 3600
+    # The stack key's ARN with EncryptionMode SSE-KMS; empty with SSE-S3.
+    stack_key_arn: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:

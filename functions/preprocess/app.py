@@ -45,6 +45,7 @@ from common.naming import (
 from common.telemetry import make_metrics
 from preprocess import images
 from preprocess.core import SUFFIXES, DatasetSpec, Limits, format_of, preprocess
+from preprocess.resources import training_resources
 
 logger = Logger()
 tracer = Tracer()
@@ -128,10 +129,10 @@ def process_object(ref: ObjectRef, settings: Settings) -> dict[str, Any]:
         if manifest is None and too_big_for_lambda(head.get("ContentLength"), settings, fmt):
             return _hand_to_processing_job(spec, provenance, settings, execution_name(slug, identity))
         manifest = manifest or _preprocess(ref, version_id, spec, provenance, settings, fmt)
+        execution_input = _execution_input(manifest, spec, settings)
     except DatasetRejected as rejected:
         return _quarantine(rejected, provenance, settings)
 
-    execution_input = _execution_input(manifest, spec, settings)
     started = _start_pipeline(settings, execution_name(slug, identity), execution_input)
     return {"status": "started" if started else "duplicate", "dataset": slug, "version": version}
 
@@ -307,6 +308,10 @@ def _execution_input(manifest: dict[str, Any], spec: DatasetSpec, settings: Sett
         # The code arrives as the job's "code" channel (s3://<artifacts>/code/training/): a network-isolated
         # container cannot download it itself, as the SageMaker SDK does for such jobs.
         sagemaker_submit_directory=SUBMIT_DIRECTORY,
+        # SageMaker's torch_distributed (the SDK's distribution={"torch_distributed": {"enabled": True}}):
+        # torchrun starts one process per GPU on every instance (one on a CPU instance); train.py trains
+        # them together with DistributedDataParallel.
+        sagemaker_torch_distributed_enabled="true",
     )
     default_metric = "accuracy" if manifest["task"] == "classification" else "r2"
     return {
@@ -323,7 +328,11 @@ def _execution_input(manifest: dict[str, Any], spec: DatasetSpec, settings: Sett
             },
         },
         "names": names.as_dict(),
-        "training": {"hyperparameters": hyperparameters, "output_path": f"s3://{artifacts}/training/{slug}/"},
+        "training": {
+            "hyperparameters": hyperparameters,
+            "output_path": f"s3://{artifacts}/training/{slug}/",
+            "resources": training_resources(spec.training, settings),
+        },
         "gate": {
             "metric": spec.metric or default_metric,
             "threshold": spec.threshold,

@@ -101,6 +101,61 @@ class Limits:
         return cls(max_bytes=max(MIN_INFLATED_BYTES, size * MAX_COMPRESSION_RATIO))
 
 
+# The template's AllowedPattern for instance type parameters.
+INSTANCE_TYPE = re.compile(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$")
+# SageMaker's limits for one training job.
+MAX_INSTANCE_COUNT = 20
+MAX_WAIT_SECONDS = 28 * 24 * 3600
+TRAINING_KEYS = ("instance_type", "instance_count", "spot", "max_wait_seconds")
+
+
+def check_training_spec(training: Any) -> dict[str, Any]:
+    """Check conveyor.json's ``training`` block: every key optional, none unknown.
+
+    Raises
+    ------
+    DatasetRejected
+        Naming the key and what it must be.
+    """
+    if training is None:
+        return {}
+    if not isinstance(training, dict):
+        raise DatasetRejected('conveyor.json: training must be an object, e.g. {"instance_count": 2}')
+    unknown = sorted(set(training) - set(TRAINING_KEYS))
+    if unknown:
+        raise DatasetRejected(
+            f"conveyor.json: training has unknown keys: {', '.join(unknown)}", allowed=list(TRAINING_KEYS)
+        )
+    instance_type = training.get("instance_type")
+    if instance_type is not None and not (
+        isinstance(instance_type, str) and INSTANCE_TYPE.match(instance_type)
+    ):
+        raise DatasetRejected(
+            f"conveyor.json: training.instance_type must be a SageMaker instance type such as "
+            f"'ml.g5.2xlarge', not {instance_type!r}"
+        )
+    count = training.get("instance_count")
+    if count is not None and not (
+        isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= MAX_INSTANCE_COUNT
+    ):
+        raise DatasetRejected(
+            f"conveyor.json: training.instance_count must be a whole number from 1 to {MAX_INSTANCE_COUNT}, "
+            f"not {count!r}"
+        )
+    spot = training.get("spot")
+    if spot is not None and not isinstance(spot, bool):
+        raise DatasetRejected(f"conveyor.json: training.spot must be true or false, not {spot!r}")
+    wait = training.get("max_wait_seconds")
+    if wait is not None and not (
+        isinstance(wait, int) and not isinstance(wait, bool) and 1 <= wait <= MAX_WAIT_SECONDS
+    ):
+        raise DatasetRejected(
+            f"conveyor.json: training.max_wait_seconds must be a whole number of seconds from 1 to "
+            f"{MAX_WAIT_SECONDS}, not {wait!r}"
+        )
+    return dict(training)
+
+
 @dataclass(frozen=True)
 class DatasetSpec:
     """What the user said about the dataset in `conveyor.json` (all optional)."""
@@ -119,6 +174,8 @@ class DatasetSpec:
     serving: str = "instances"
     # What trains (RECIPES); None: inferred from the data. "image" is a zip's only recipe, and only a zip's.
     recipe: str | None = None
+    # Where the training job runs, over the stack's defaults (TRAINING_KEYS; preprocess/resources.py).
+    training: dict[str, Any] = field(default_factory=dict)
 
     KEYS = frozenset(
         {
@@ -132,6 +189,7 @@ class DatasetSpec:
             "approval",
             "serving",
             "recipe",
+            "training",
         }
     )
 
@@ -189,6 +247,7 @@ class DatasetSpec:
             approval=approval,
             serving=serving,
             recipe=recipe,
+            training=check_training_spec(document.get("training")),
         )
 
 

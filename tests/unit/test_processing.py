@@ -228,6 +228,40 @@ def test_the_processing_execution_input_trains_like_the_lambdas_and_leaves_infer
     assert job["volume_size_gb"] > 3 * 100
 
 
+def test_the_execution_input_says_where_training_runs_and_launches_it_with_torchrun():
+    settings = Settings(
+        artifacts_bucket="artifacts",
+        processed_bucket="processed",
+        training_instance_type="ml.g5.xlarge",
+        stack_key_arn="arn:aws:kms:us-east-1:123456789012:key/k",
+    )
+    manifest = {**provenance_of("datasets/churn/c.csv", 100), "task": "classification", "target": "churn"}
+    default = app._execution_input(manifest, DatasetSpec(), settings)["training"]
+    assert default["hyperparameters"]["sagemaker_torch_distributed_enabled"] == "true"
+    assert default["resources"] == {
+        "instance_type": "ml.g5.xlarge",
+        "instance_count": 1,
+        "spot": True,
+        "max_wait_seconds": 7200,
+        "volume_key_index": 0,  # local NVMe: SageMaker refuses a volume key
+        "stopping_condition_index": 1,
+    }
+    spec = DatasetSpec.from_json(
+        {"training": {"instance_type": "ml.p3.8xlarge", "instance_count": 2, "spot": False}}
+    )
+    chosen = app._execution_input(manifest, spec, settings)["training"]["resources"]
+    assert chosen == {
+        "instance_type": "ml.p3.8xlarge",
+        "instance_count": 2,
+        "spot": False,
+        "max_wait_seconds": 7200,
+        "volume_key_index": 1,
+        "stopping_condition_index": 0,
+    }
+    with pytest.raises(DatasetRejected, match=r"conveyor\.json: training has unknown keys: gpus"):
+        DatasetSpec.from_json({"training": {"gpus": 8}})
+
+
 def test_only_uploads_above_the_threshold_leave_lambda():
     settings = Settings(lambda_preprocess_max_bytes=1000)
     assert not app.too_big_for_lambda(1000, settings)

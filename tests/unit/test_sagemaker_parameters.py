@@ -12,7 +12,10 @@ from typing import Any
 
 import pytest
 
+from common.config import Settings
 from conveyor.local.template import Stack
+from preprocess.core import DatasetRejected, check_training_spec
+from preprocess.resources import LOCAL_STORAGE_FAMILIES, training_resources
 
 ROOT = Path(__file__).resolve().parents[2]
 CREATE_JOB = ("createTrainingJob", "createProcessingJob")
@@ -46,15 +49,50 @@ def configure(document: dict[str, Any]) -> dict[str, Any]:
     return evaluate(document["States"]["Configure"]["Parameters"])
 
 
-def stopping_condition(document: dict[str, Any]) -> dict[str, Any]:
-    """The StoppingCondition StartTrainingJob sends: Configure's variant at Configure's index."""
-    params = document["States"]["StartTrainingJob"]["Parameters"]
-    expression = params["StoppingCondition.$"]
-    assert expression == (
-        "States.ArrayGetItem($.config.training_stopping_conditions, $.config.training_stopping_condition_index)"
+def resources_for(stack: Stack, training: dict[str, Any] | None = None) -> dict[str, Any]:
+    """$.training.resources as PreprocessFunction resolves it: its environment from the stack, and a
+    dataset's conveyor.json `training` block."""
+    settings = Settings.from_env(stack.function_environment("PreprocessFunction"))
+    return training_resources(check_training_spec(training or {}), settings)
+
+
+def training_request(document: dict[str, Any], resources: dict[str, Any]) -> dict[str, Any]:
+    """StartTrainingJob's ResourceConfig, StoppingCondition and EnableManagedSpotTraining for an execution
+    whose $.training.resources is `resources`: TrainingJobEncryption's variants at the indexes it names."""
+    states, config = document["States"], configure(document)
+    params = states["StartTrainingJob"]["Parameters"]
+    assert params["ResourceConfig.$"] == (
+        "States.ArrayGetItem($.encryption.training_resources, $.training.resources.volume_key_index)"
     )
-    config = configure(document)
-    return config["training_stopping_conditions"][config["training_stopping_condition_index"]]
+    assert params["StoppingCondition.$"] == (
+        "States.ArrayGetItem($.encryption.stopping_conditions, $.training.resources.stopping_condition_index)"
+    )
+    assert params["EnableManagedSpotTraining.$"] == "$.training.resources.spot"
+
+    def fill(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k.removesuffix(".$"): fill(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        if isinstance(value, str) and value.startswith("$.training.resources."):
+            return resources[value.removeprefix("$.training.resources.")]
+        if value == "$.config.training_max_runtime":
+            return config["training_max_runtime"]
+        return value
+
+    variants = fill(states["TrainingJobEncryption"]["Parameters"])
+    return {
+        "ResourceConfig": variants["training_resources"][resources["volume_key_index"]],
+        "StoppingCondition": variants["stopping_conditions"][resources["stopping_condition_index"]],
+        "EnableManagedSpotTraining": resources["spot"],
+    }
+
+
+def stopping_condition(**parameters: str) -> dict[str, Any]:
+    """The StoppingCondition StartTrainingJob sends with the stack's defaults."""
+    stack = Stack(ROOT, parameters=parameters)
+    document = json.loads(stack.state_machine_definition("Pipeline"))
+    return training_request(document, resources_for(stack))["StoppingCondition"]
 
 
 def test_every_job_has_a_max_runtime():
@@ -64,17 +102,16 @@ def test_every_job_has_a_max_runtime():
     assert jobs["StartProcessingJob"]["Parameters"]["StoppingCondition"] == {
         "MaxRuntimeInSeconds.$": "$.config.processing_max_runtime"
     }
-    assert stopping_condition(document)["MaxRuntimeInSeconds"] == 3600
+    assert stopping_condition()["MaxRuntimeInSeconds"] == 3600
 
 
 def test_training_runs_on_spot_with_a_max_wait_and_checkpoints_by_default():
-    document = definition()
+    stack = Stack(ROOT)
+    document = json.loads(stack.state_machine_definition("Pipeline"))
     params = document["States"]["StartTrainingJob"]["Parameters"]
-    config = configure(document)
-    assert (
-        params["EnableManagedSpotTraining.$"] == "$.config.training_spot" and config["training_spot"] is True
-    )
-    condition = stopping_condition(document)
+    request = training_request(document, resources_for(stack))
+    assert request["EnableManagedSpotTraining"] is True
+    condition = request["StoppingCondition"]
     assert condition == {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 7200}
     assert condition["MaxWaitTimeInSeconds"] >= condition["MaxRuntimeInSeconds"]
     assert params["CheckpointConfig"] == {
@@ -85,9 +122,58 @@ def test_training_runs_on_spot_with_a_max_wait_and_checkpoints_by_default():
 
 def test_on_demand_training_sends_no_max_wait():
     # SageMaker accepts MaxWaitTimeInSeconds only with managed spot training.
-    document = definition(TrainingUseSpot="false", TrainingMaxRuntimeSeconds="900")
-    assert configure(document)["training_spot"] is False
-    assert stopping_condition(document) == {"MaxRuntimeInSeconds": 900}
+    stack = Stack(ROOT, parameters={"TrainingUseSpot": "false", "TrainingMaxRuntimeSeconds": "900"})
+    document = json.loads(stack.state_machine_definition("Pipeline"))
+    request = training_request(document, resources_for(stack))
+    assert request["EnableManagedSpotTraining"] is False
+    assert request["StoppingCondition"] == {"MaxRuntimeInSeconds": 900}
+
+
+def test_a_dataset_chooses_its_own_training_instances_capacity_and_max_wait():
+    stack = Stack(ROOT, parameters={"TrainingInstanceCount": "2"})
+    stack.resources["StackKey"].attributes["Arn"] = KEY_ARN
+    document = json.loads(stack.state_machine_definition("Pipeline"))
+    assert training_request(document, resources_for(stack))["ResourceConfig"] == {
+        "InstanceType": "ml.g5.xlarge",
+        "InstanceCount": 2,
+        "VolumeSizeInGB": 30,
+    }
+    spec = {"instance_type": "ml.m5.2xlarge", "instance_count": 3, "max_wait_seconds": 86_400}
+    request = training_request(document, resources_for(stack, spec))
+    assert request == {
+        # An EBS volume: the stack key encrypts it.
+        "ResourceConfig": {
+            "InstanceType": "ml.m5.2xlarge",
+            "InstanceCount": 3,
+            "VolumeSizeInGB": 30,
+            "VolumeKmsKeyId": KEY_ARN,
+        },
+        "StoppingCondition": {"MaxRuntimeInSeconds": 3600, "MaxWaitTimeInSeconds": 86_400},
+        "EnableManagedSpotTraining": True,
+    }
+    on_demand = training_request(document, resources_for(stack, {"spot": False, "max_wait_seconds": 60}))
+    assert on_demand["EnableManagedSpotTraining"] is False
+    assert on_demand["StoppingCondition"] == {"MaxRuntimeInSeconds": 3600}
+
+
+@pytest.mark.parametrize(
+    "training, message",
+    [
+        ([1], "training must be an object"),
+        ({"instances": 2}, "training has unknown keys: instances"),
+        ({"instance_type": "g5.xlarge"}, "training.instance_type must be a SageMaker instance type"),
+        ({"instance_count": 0}, "training.instance_count must be a whole number from 1 to 20, not 0"),
+        ({"instance_count": 2.0}, "training.instance_count must be a whole number"),
+        ({"instance_count": True}, "training.instance_count must be a whole number"),
+        ({"spot": "yes"}, "training.spot must be true or false, not 'yes'"),
+        ({"max_wait_seconds": -5}, "training.max_wait_seconds must be a whole number of seconds"),
+        # SageMaker refuses spot training that may wait less than it may run.
+        ({"max_wait_seconds": 600}, "training.max_wait_seconds (600) must be at least the stack's"),
+    ],
+)
+def test_a_bad_training_block_is_refused_naming_the_key(training, message):
+    with pytest.raises(DatasetRejected, match=message.replace("(", r"\(").replace(")", r"\)")):
+        resources_for(Stack(ROOT), training)
 
 
 def test_the_template_default_max_wait_covers_the_max_runtime():
@@ -133,13 +219,10 @@ def encrypted_requests(**parameters: str) -> dict[str, Any]:
         stack.resources["StackKey"].attributes["Arn"] = KEY_ARN
     document = json.loads(stack.state_machine_definition("Pipeline"))
     states, choice = document["States"], configure(document)["encryption"]
+    training_resources = training_request(document, resources_for(stack))["ResourceConfig"]
     training, processing = states["TrainingJobEncryption"], states["ProcessingJobEncryption"]
     assert states["StartTrainingJob"]["Parameters"]["OutputDataConfig.$"] == (
         "States.ArrayGetItem($.encryption.output_data_configs, $.config.encryption.output_key_index)"
-    )
-    assert states["StartTrainingJob"]["Parameters"]["ResourceConfig.$"] == (
-        "States.ArrayGetItem($.config.encryption.training_resources, "
-        "$.config.encryption.training_volume_key_index)"
     )
     assert states["StartProcessingJob"]["Parameters"]["ProcessingOutputConfig.$"] == (
         "States.ArrayGetItem($.encryption.processing_output_configs, $.config.encryption.output_key_index)"
@@ -159,7 +242,7 @@ def encrypted_requests(**parameters: str) -> dict[str, Any]:
     ]
     return {
         "training output": training["Parameters"]["output_data_configs"][choice["output_key_index"]],
-        "training resources": choice["training_resources"][choice["training_volume_key_index"]],
+        "training resources": training_resources,
         "processing output": processing["Parameters"]["processing_output_configs"][
             choice["output_key_index"]
         ],
@@ -231,13 +314,14 @@ def test_buckets_queues_and_topic_follow_the_encryption_mode(mode, algorithm):
     assert stack.resolve(topic.properties).get("KmsMasterKeyId") == (KEY_ARN if mode == "SSE-KMS" else None)
 
 
-def test_the_template_and_local_mode_know_the_same_local_storage_families():
-    # One list in Python (local mode refuses a volume key on these, as SageMaker does), three in the
-    # template's conditions; they must agree.
-    from conveyor.local.jobs import LOCAL_STORAGE_FAMILIES
+def test_the_template_preprocessing_and_local_mode_know_the_same_local_storage_families():
+    # Two lists in Python (PreprocessFunction decides the training job's volume key; local mode refuses
+    # a volume key on these, as SageMaker does), two in the template's conditions; they must agree.
+    from conveyor.local import jobs
 
+    assert jobs.LOCAL_STORAGE_FAMILIES == LOCAL_STORAGE_FAMILIES
     conditions = Stack(ROOT).template["Conditions"]
-    for role in ("Training", "Processing", "Inference"):
+    for role in ("Processing", "Inference"):
         equals = [
             item["Fn::Equals"]
             for group in conditions[f"{role}HasLocalStorage"]["Fn::Or"]

@@ -208,7 +208,8 @@ class TrainingAdapter(JobRunner):
         (config / "inputdataconfig.json").write_text(
             json.dumps({c["ChannelName"]: {"TrainingInputMode": "File"} for c in job.input_data_config})
         )
-        (config / "resourceconfig.json").write_text(json.dumps({"current_host": HOST, "hosts": [HOST]}))
+        hosts = [f"algo-{i}" for i in range(1, int((job.resource_config or {}).get("InstanceCount", 1)) + 1)]
+        (config / "resourceconfig.json").write_text(json.dumps({"current_host": HOST, "hosts": hosts}))
         user_hps = {k: v for k, v in hyperparameters.items() if not k.startswith("sagemaker_")}
         arguments = [item for k, v in user_hps.items() for item in (f"--{k}", str(v))]
         environment = {
@@ -224,7 +225,7 @@ class TrainingAdapter(JobRunner):
             "SM_CHANNELS": json.dumps(sorted(channels)),
             "SM_HPS": json.dumps(user_hps),
             "SM_USER_ARGS": json.dumps(arguments),
-            "SM_HOSTS": json.dumps([HOST]),
+            "SM_HOSTS": json.dumps(hosts),
             "SM_CURRENT_HOST": HOST,
             "SM_NUM_GPUS": "0",
             "SM_NUM_CPUS": str(os.cpu_count() or 1),
@@ -237,8 +238,23 @@ class TrainingAdapter(JobRunner):
         for key in ("AWS_ENDPOINT_URL", "MOTO_PORT"):
             environment.pop(key, None)
 
+        command = [self._python, program, *arguments]
+        distributed = hyperparameters.get("sagemaker_torch_distributed_enabled", "").lower() == "true"
+        if distributed and len(hosts) > 1:
+            # SageMaker's torch_distributed: torchrun on every host, one process per GPU (one on a CPU
+            # host). Local mode runs each host's process on this machine, talking over gloo; one host's
+            # single process needs no torchrun.
+            command[1:1] = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={len(hosts)}"]
+        elif len(hosts) > 1:
+            log.warning(
+                "training job %s: %d instances but no distribution: SageMaker would run %s on each, "
+                "independently; local mode runs it once",
+                name,
+                len(hosts),
+                program,
+            )
         job.secondary_status = "Training"
-        log.info("training job %s: running %s %s", name, program, " ".join(arguments))
+        log.info("training job %s: running %s", name, " ".join(command[1:]))
         max_runtime = int((job.stopping_condition or {}).get("MaxRuntimeInSeconds", 86400))
         log_path = root / "training.log"
         with self._lock:
@@ -247,7 +263,7 @@ class TrainingAdapter(JobRunner):
                 return
         with log_path.open("wb") as log_file:
             process = subprocess.Popen(
-                [self._python, program, *arguments],
+                command,
                 cwd=code,
                 env=environment,
                 stdout=subprocess.PIPE,
