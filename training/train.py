@@ -753,9 +753,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         x = tuple(torch.from_numpy(a).to(device) for a in encoded)
         y = torch.from_numpy(encoder.encode_target(split.columns[encoder.target])).to(device)
         tensors[name] = (x, y)
-    log.info(
+    log.info(  # by every process: each says it is there
         "dataset %s version %s: %s recipe, %s of %r; rows train=%d validation=%d test=%d; "
-        "%d features -> %d inputs%s; device %s",
+        "%d features -> %d inputs%s; device %s, %d training process(es)",
         manifest.get("dataset"),
         manifest.get("version"),
         args.recipe,
@@ -772,6 +772,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if encoder.image
         else "",
         device,
+        processes.world_size,
     )
 
     network = build_network(args, encoder, tensors["train"][0]).to(device)

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from samples import SHAPES, image_suffix, negation_rows, shape_image
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAINING = ROOT / "training"
@@ -770,44 +771,6 @@ def test_a_vocabulary_too_big_for_memory_fails_naming_the_hyperparameter(monkeyp
 
 # --- the text recipe: a BiLSTM reads each text value in order ------------------------------------------
 
-SENTIMENT = {
-    "good": "positive",
-    "great": "positive",
-    "fine": "positive",
-    "bad": "negative",
-    "awful": "negative",
-}
-FILLER = ["the", "movie", "was", "and", "plot", "cast", "really", "quite", "story", "ending", "it", "so"]
-
-
-def negation_rows(n, rng):
-    """Reviews that all hold one sentiment word and one "not": the label flips when "not" stands right
-    before the sentiment word. Every review has the same kinds of words, so only their order tells."""
-    rows = []
-    for _ in range(n):
-        word = rng.choice(sorted(SENTIMENT))
-        words = rng.sample(FILLER, rng.randint(3, 9))
-        where = rng.randint(0, len(words))
-        negated = rng.random() < 0.5
-        if negated:
-            words[where:where] = ["not", word]
-        else:
-            words[where:where] = [word]
-            # "not" anywhere but right before the sentiment word
-            places = [i for i in range(len(words) + 1) if i != where]
-            words.insert(rng.choice(places), "not")
-        label = SENTIMENT[word]
-        if negated:
-            label = "negative" if label == "positive" else "positive"
-        rows.append(
-            {
-                "review": " ".join(words).capitalize() + ".",
-                "stars_shown": str(rng.randint(0, 1)),
-                "label": label,
-            }
-        )
-    return rows
-
 
 @pytest.fixture(scope="module")
 def negations(tmp_path_factory):
@@ -934,33 +897,6 @@ def test_a_text_network_is_rebuilt_from_its_architecture(training_modules):
 
 # --- the image recipe: a CNN on class folders of images --------------------------------------------------
 
-SHAPES = ("checks", "horizontal", "vertical")
-
-
-def shape_image(kind, rng, size=24):
-    """Stripes or checks in random colours, shifted and noisy, as a PNG or JPEG file's bytes."""
-    from PIL import Image
-
-    period, shift = rng.randint(4, 7), rng.randint(0, 6)
-    ink = tuple(rng.randint(0, 120) for _ in range(3))
-    paper = tuple(rng.randint(150, 255) for _ in range(3))
-    image = Image.new("RGB", (size, size), paper)
-    pixels = image.load()
-    half = period // 2
-    for y in range(size):
-        for x in range(size):
-            if kind == "horizontal":
-                on = (y + shift) // half % 2
-            elif kind == "vertical":
-                on = (x + shift) // half % 2
-            else:
-                on = ((x + shift) // 3 + y // 3) % 2
-            if on and rng.random() > 0.05:
-                pixels[x, y] = ink
-    buffer = io.BytesIO()
-    image.save(buffer, rng.choice(["PNG", "JPEG"]), **({} if rng.random() < 0.5 else {"quality": 90}))
-    return buffer.getvalue()
-
 
 def image_channels(root, rng, per_class=(80, 12, 14)):
     """train and test as one zip each (as preprocessing writes them), validation as class folders."""
@@ -970,15 +906,16 @@ def image_channels(root, rng, per_class=(80, 12, 14)):
     for split, count in zip(("train", "validation", "test"), per_class, strict=True):
         directory = root / split
         directory.mkdir(parents=True)
-        files = {f"{kind}/{split}-{i}.img": shape_image(kind, rng) for kind in SHAPES for i in range(count)}
+        images = [(kind, shape_image(kind, rng)) for kind in SHAPES for _ in range(count)]
+        files = {f"{kind}/{split}-{i}{image_suffix(data)}": data for i, (kind, data) in enumerate(images)}
         if split == "validation":
             for name, data in files.items():
                 (directory / name).parent.mkdir(exist_ok=True)
-                (directory / name.replace(".img", ".png")).write_bytes(data)
+                (directory / name).write_bytes(data)
         else:
             with zipfile.ZipFile(directory / "part-00000.zip", "w", zipfile.ZIP_STORED) as archive:
                 for name, data in sorted(files.items()):
-                    archive.writestr(name.replace(".img", ".jpg"), data)
+                    archive.writestr(name, data)
         channels[split] = directory
     manifest = {
         "schema_version": 1,
@@ -1113,7 +1050,6 @@ def test_the_code_version_names_the_code_that_ran(tmp_path, training_modules):
 
 
 def test_published_training_code_carries_the_commit_it_came_from():
-    import io
     import tarfile
 
     from conveyor.local.cloud import training_sourcedir
