@@ -15,6 +15,11 @@ CFN_LINT      := cfn-lint==1.58.0
 CHECKOV_VENV  := .tools/checkov
 CHECKOV_STAMP := $(CHECKOV_VENV)/.installed
 CHECKOV       := checkov==3.3.30
+# The SageMaker Python SDK resolves the Deep Learning Container images in tooling (scripts/image_uris.py),
+# never in a Lambda function; its own virtualenv keeps its many dependencies out of the project's.
+SAGEMAKER_VENV  := .tools/sagemaker
+SAGEMAKER_STAMP := $(SAGEMAKER_VENV)/.installed
+SAGEMAKER_SDK   := sagemaker==2.254.1
 # LocalStack (issue 7's tier) in its own virtualenv: localstack-core 2026.3.0 needs Python 3.13 (pyenv's,
 # else python3.13 on PATH) and pins its own boto3. Versions: tests/localstack/requirements.txt.
 LOCALSTACK_VENV  := .tools/localstack
@@ -63,15 +68,22 @@ $(CHECKOV_STAMP):
 	$(CHECKOV_VENV)/bin/pip install --quiet "$(CHECKOV)"
 	@touch $(CHECKOV_STAMP)
 
+$(SAGEMAKER_STAMP):
+	@test -x $(SAGEMAKER_VENV)/bin/python || $(PYTHON) -m venv $(SAGEMAKER_VENV)
+	$(SAGEMAKER_VENV)/bin/pip install --quiet "$(SAGEMAKER_SDK)"
+	@touch $(SAGEMAKER_STAMP)
+
 # Python 3.12 (the functions' runtime) for sam build: the newest 3.12 pyenv has, else the one on PATH.
 # (pyenv's shim for python3.12 is on PATH but fails unless 3.12 is the active version: look past it.)
 PY312_BIN := $(shell dirname "$$(ls -d $$HOME/.pyenv/versions/3.12*/bin/python3.12 2>/dev/null | tail -1 | grep . || command -v python3.12)")
 
 # The template passes SAM's validator with its cfn-lint rules; the CloudFormation SAM makes of it passes
 # cfn-lint and checkov (suppressions: docs/security.md); the built Lambda packages carry no torch or
-# sagemaker. All offline, no Docker, no AWS credentials.
-lint-infra: $(SAM_STAMP) $(CFNLINT_STAMP) $(CHECKOV_STAMP)
+# sagemaker; the template's Deep Learning Container images are the SageMaker SDK's in every region. All
+# offline, no Docker, no AWS credentials.
+lint-infra: $(SAM_STAMP) $(CFNLINT_STAMP) $(CHECKOV_STAMP) $(SAGEMAKER_STAMP)
 	SAM_CLI_TELEMETRY=0 $(SAM_VENV)/bin/sam validate --lint --template template.yaml
+	$(SAGEMAKER_VENV)/bin/python scripts/image_uris.py --check
 	$(SAM_VENV)/bin/python scripts/transform_template.py template.yaml --output .aws-sam/transformed.json
 	$(CFNLINT_VENV)/bin/python scripts/lint_transformed.py .aws-sam/transformed.json
 	$(CHECKOV_VENV)/bin/checkov --skip-download --quiet --compact --framework cloudformation \

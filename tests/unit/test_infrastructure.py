@@ -300,3 +300,22 @@ def test_every_handler_logs_traces_and_flushes_metrics_with_powertools():
             "tracer.capture_lambda_handler",
             "metrics.log_metrics",
         } <= decorators, f"{function.logical_id}: {path.name} handler is missing Powertools decorators"
+
+
+def test_the_deep_learning_container_images_come_from_each_regions_registry():
+    # The accounts are the SageMaker SDK's (scripts/image_uris.py --check in make lint-infra); 763104351884
+    # is most regions' but not all: an opt-in or China region pulls from its own.
+    mapping = STACK.template["Mappings"]["DeepLearningContainers"]
+    assert all(re.fullmatch(r"\d{12}", entry["Account"]) for entry in mapping.values())
+    assert mapping["us-east-1"]["Account"] == "763104351884"
+    assert mapping["ap-east-1"]["Account"] != "763104351884"
+    substitutions = STACK.resources["Pipeline"].properties["DefinitionSubstitutions"]
+    images = {
+        name: STACK.resolve(substitutions[name])
+        for name in ("TrainingImage", "ProcessingImage", "InferenceImage")
+    }
+    assert images == {
+        "TrainingImage": "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.5.1-gpu-py311",
+        "ProcessingImage": "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.5.1-cpu-py311",
+        "InferenceImage": "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.5.1-cpu-py311",
+    }

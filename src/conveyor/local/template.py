@@ -139,8 +139,8 @@ class Stack:
 
     # ------------------------------------------------------------------ intrinsics
     def resolve(self, value: Any) -> Any:
-        """Resolve Ref, Fn::GetAtt, Fn::Sub, Fn::If, Fn::Select and Fn::Split (the intrinsics conveyor's
-        template uses); a property whose value is `AWS::NoValue` is left out."""
+        """Resolve Ref, Fn::GetAtt, Fn::Sub, Fn::If, Fn::Select, Fn::Split and Fn::FindInMap (the intrinsics
+        conveyor's template uses); a property whose value is `AWS::NoValue` is left out."""
         if isinstance(value, list):
             return [v for v in (self.resolve(v) for v in value) if v is not NO_VALUE]
         if not isinstance(value, dict):
@@ -162,9 +162,12 @@ class Stack:
             if key == "Fn::Split":
                 delimiter, text = arg
                 return str(self.resolve(text)).split(delimiter)
+            if key == "Fn::FindInMap":
+                mapping, top, second = (self.resolve(v) for v in arg)
+                return self.template["Mappings"][mapping][top][second]
             if key.startswith("Fn::"):
                 raise NotImplementedError(
-                    f"local mode does not resolve {key}; keep the template to Ref/GetAtt/Sub/If"
+                    f"local mode does not resolve {key}; keep the template to those resolve() knows"
                 )
         resolved = {k: self.resolve(v) for k, v in value.items()}
         return {k: v for k, v in resolved.items() if v is not NO_VALUE}
