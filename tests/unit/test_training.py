@@ -1060,6 +1060,66 @@ def test_published_training_code_carries_the_commit_it_came_from():
     assert stamp.startswith("git:") and {"train.py", "inference.py"} <= names
 
 
+def tiny_wheel(directory: Path) -> Path:
+    """A pure-Python wheel of a package `tinydep` 0.1 whose ANSWER is 42, as a build backend would write it."""
+    import zipfile
+
+    files = {
+        "tinydep/__init__.py": "ANSWER = 42\n",
+        "tinydep-0.1.dist-info/METADATA": "Metadata-Version: 2.1\nName: tinydep\nVersion: 0.1\n",
+        "tinydep-0.1.dist-info/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n",
+    }
+    record = "".join(f"{name},,\n" for name in files) + "tinydep-0.1.dist-info/RECORD,,\n"
+    path = directory / "tinydep-0.1-py3-none-any.whl"
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name, text in {**files, "tinydep-0.1.dist-info/RECORD": record}.items():
+            wheel.writestr(name, text)
+    return path
+
+
+def test_training_requirements_travel_as_wheels_a_network_isolated_job_installs(tmp_path):
+    import io
+    import tarfile
+
+    from conveyor.local.cloud import LocalCloudError, training_sourcedir
+    from conveyor.local.training import install_requirements
+
+    training = tmp_path / "project/training"
+    training.mkdir(parents=True)
+    (training / "train.py").write_text("import tinydep\nprint(tinydep.ANSWER)\n")
+    (training / "requirements.txt").write_text("# what train.py needs\ntinydep==0.1\n")
+    index = tmp_path / "index"
+    index.mkdir()
+    tiny_wheel(index)
+    local_index = ["--no-index", "--find-links", str(index)]
+    archive = training_sourcedir(tmp_path / "project", pip_index=local_index)
+    code = tmp_path / "code"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        assert "wheelhouse/tinydep-0.1-py3-none-any.whl" in tar.getnames()
+        tar.extractall(code, filter="data")
+    assert (code / "requirements.txt").read_text().splitlines()[1:] == [
+        "--no-index",
+        "--find-links wheelhouse",
+        "# what train.py needs",
+        "tinydep==0.1",
+    ]
+    # What the training container does first, from the archive alone: no index, so no network.
+    packages = install_requirements(code, tmp_path / "packages", sys.executable)
+    env = {**os.environ, "PYTHONPATH": str(packages), "PIP_NO_INDEX": "1"}
+    ran = subprocess.run([sys.executable, "train.py"], cwd=code, env=env, capture_output=True, text=True)
+    assert ran.stdout.strip() == "42", ran.stderr
+    (training / "requirements.txt").write_text("missingdep==1.0\n")
+    with pytest.raises(
+        LocalCloudError, match="could not be downloaded; every requirement needs such a wheel"
+    ):
+        training_sourcedir(tmp_path / "project", pip_index=local_index)
+    # The project's own training code needs nothing beyond the image: no wheelhouse, nothing to install.
+    with tarfile.open(fileobj=io.BytesIO(training_sourcedir(ROOT))) as tar:
+        assert not [name for name in tar.getnames() if name.startswith("wheelhouse")]
+        tar.extractall(tmp_path / "ours", filter="data")
+    assert install_requirements(tmp_path / "ours", tmp_path / "none", sys.executable) is None
+
+
 # --- scale: checkpoints and several processes ------------------------------------------------------------
 
 

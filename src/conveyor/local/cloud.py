@@ -20,7 +20,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from moto.server import ThreadedMotoServer
 
 from conveyor.local.events import RULE_EVENT_TYPES, EventBridgeBus
 from conveyor.local.hosting import HostingAdapter, free_port
+from conveyor.local.jobs import requirement_lines
 from conveyor.local.lambdas import FunctionSpec, LambdaRuntime, SqsEventSource
 from conveyor.local.processing import ProcessingAdapter
 from conveyor.local.stepfunctions import StepFunctionsAdapter
@@ -550,20 +551,79 @@ def publish_training_code(s3: Any, artifacts_bucket: str, root: Path) -> str:
     return f"s3://{artifacts_bucket}/{TRAINING_CODE_KEY}"
 
 
-def training_sourcedir(root: Path) -> bytes:
-    """training/ as SageMaker's sourcedir.tar.gz (files at the archive's top level)."""
+# The training image's platform (AWS PyTorch DLC: Linux x86_64, CPython 3.11), for the wheels of
+# training/requirements.txt; a pure-Python wheel fits any.
+WHEEL_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_28_x86_64")
+WHEEL_PYTHON = "3.11"
+WHEELHOUSE = "wheelhouse"
+
+
+def training_sourcedir(root: Path, pip_index: Sequence[str] = ()) -> bytes:
+    """training/ as SageMaker's sourcedir.tar.gz (files at the archive's top level).
+
+    The training container pip-installs the archive's requirements.txt before it starts train.py, and a
+    network-isolated job cannot reach PyPI. So when training/requirements.txt names packages, their wheels
+    for the training image's platform travel in the archive (``wheelhouse/``), and its requirements.txt
+    installs from there alone (``--no-index --find-links wheelhouse``).
+
+    Parameters
+    ----------
+    root
+        The project (holding training/).
+    pip_index
+        pip options choosing where the wheels are downloaded from (pip's configuration when empty).
+
+    Raises
+    ------
+    LocalCloudError
+        When a requirement has no wheel for the training image's platform.
+    """
+    training = root / "training"
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path in sorted((root / "training").rglob("*")):
-            if "__pycache__" in path.parts or path.suffix == ".pyc":
+        for path in sorted(training.rglob("*")):
+            if "__pycache__" in path.parts or path.suffix == ".pyc" or path.name == "requirements.txt":
                 continue
-            tar.add(path, arcname=str(path.relative_to(root / "training")), recursive=False)
+            tar.add(path, arcname=str(path.relative_to(training)), recursive=False)
+        listed = training / "requirements.txt"
+        requirements = listed.read_text() if listed.exists() else ""
+        if requirement_lines(requirements):
+            with tempfile.TemporaryDirectory() as wheels:
+                _download_wheels(training / "requirements.txt", Path(wheels), pip_index)
+                for wheel in sorted(Path(wheels).iterdir()):
+                    tar.add(wheel, arcname=f"{WHEELHOUSE}/{wheel.name}", recursive=False)
+            requirements = (
+                "# Installed from the wheels beside this file: a network-isolated job cannot reach an index.\n"
+                f"--no-index\n--find-links {WHEELHOUSE}\n" + requirements
+            )
+        if listed.exists():
+            _add_bytes(tar, "requirements.txt", requirements.encode())
         # Which commit this code came from, for the Model Registry (train.py reports it with a digest).
-        stamp = f"{git_version(root / 'training')}\n".encode()
-        info = tarfile.TarInfo("CODE_VERSION")
-        info.size, info.mtime = len(stamp), int(time.time())
-        tar.addfile(info, io.BytesIO(stamp))
+        _add_bytes(tar, "CODE_VERSION", f"{git_version(training)}\n".encode())
     return buffer.getvalue()
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _download_wheels(requirements: Path, destination: Path, pip_index: Sequence[str]) -> None:
+    platforms = [option for platform in WHEEL_PLATFORMS for option in ("--platform", platform)]
+    command = [
+        sys.executable,
+        *("-m", "pip", "download", "--quiet", "--only-binary=:all:", *platforms),
+        *("--python-version", WHEEL_PYTHON, "--implementation", "cp", "--dest", str(destination)),
+        *pip_index,
+        *("-r", str(requirements)),
+    ]
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if completed.returncode != 0:
+        raise LocalCloudError(
+            f"the wheels of {requirements} for the training image (Linux x86_64, Python {WHEEL_PYTHON}) "
+            f"could not be downloaded; every requirement needs such a wheel:\n{completed.stderr[-2000:]}"
+        )
 
 
 def git_version(directory: Path) -> str:

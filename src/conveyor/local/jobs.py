@@ -50,6 +50,12 @@ def volume_key_refusal(instance_type: str, volume_key: str | None) -> str | None
     return None
 
 
+def requirement_lines(text: str) -> list[str]:
+    """The requirements of a requirements.txt: no comments, blank lines or pip options."""
+    lines = (line.split(" #")[0].strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith(("#", "-"))]
+
+
 def encryption_args(kms_key: str | None) -> dict[str, Any] | None:
     """upload_file's ExtraArgs for an output SageMaker encrypts with `kms_key` (None: the bucket's default)."""
     return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": kms_key} if kms_key else None

@@ -36,7 +36,14 @@ from moto.sagemaker import models as sagemaker_models
 from moto.sagemaker import responses as sagemaker_responses
 from moto.sagemaker.exceptions import ResourceInUseException, ValidationError
 
-from conveyor.local.jobs import JobRunner, encryption_args, environ_copy, terminate, volume_key_refusal
+from conveyor.local.jobs import (
+    JobRunner,
+    encryption_args,
+    environ_copy,
+    requirement_lines,
+    terminate,
+    volume_key_refusal,
+)
 
 log = logging.getLogger("localcloud.training")
 HOST = "algo-1"
@@ -203,6 +210,7 @@ class TrainingAdapter(JobRunner):
             s3.download_file(*split_s3(submit), str(archive))
         with tarfile.open(archive) as tar:
             tar.extractall(code, filter="data")
+        packages = install_requirements(code, root / "packages", self._python)
 
         (config / "hyperparameters.json").write_text(json.dumps(hyperparameters))
         (config / "inputdataconfig.json").write_text(
@@ -234,6 +242,10 @@ class TrainingAdapter(JobRunner):
             **{f"SM_CHANNEL_{c.upper()}": path for c, path in channels.items()},
             **{f"SM_HP_{k.upper()}": str(v) for k, v in user_hps.items()},
         }
+        if packages:  # what the container installed comes first, as its site-packages would
+            environment["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(packages), environment.get("PYTHONPATH")])
+            )
         # Local jobs must not inherit the emulator's credentials or endpoint: a real job has neither.
         for key in ("AWS_ENDPOINT_URL", "MOTO_PORT"):
             environment.pop(key, None)
@@ -359,6 +371,31 @@ def _finish(
     job.secondary_status = secondary or status
     # Last, because the pipeline's polling loop acts on it.
     job.training_job_status = status
+
+
+def install_requirements(code: Path, target: Path, python: str) -> Path | None:
+    """What the training container does before it starts the script: pip-install the code's
+    requirements.txt (here into `target`, not the environment conveyor runs in). A sourcedir from
+    `training_sourcedir` installs from its own wheelhouse, without an index, as a network-isolated job must.
+
+    Returns
+    -------
+    Path or None
+        `target` when something was installed (it goes on the job's PYTHONPATH), else None.
+
+    Raises
+    ------
+    ValueError
+        With pip's reason, when a requirement cannot be installed (the job fails, as SageMaker's would).
+    """
+    listed = code / "requirements.txt"
+    if not listed.exists() or not requirement_lines(listed.read_text()):
+        return None
+    command = [python, "-m", "pip", "install", "--quiet", "--target", str(target), "-r", "requirements.txt"]
+    completed = subprocess.run(command, cwd=code, capture_output=True, text=True, timeout=600)
+    if completed.returncode != 0:
+        raise ValueError(f"requirements.txt could not be installed: {completed.stderr.strip()[-800:]}")
+    return target
 
 
 class _MetricScraper:
