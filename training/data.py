@@ -569,7 +569,7 @@ class Encoder:
         for i, instance in enumerate(instances):
             if not isinstance(instance, Mapping):
                 raise ValueError(
-                    f"instance {i}: expected a JSON object of column values, got {_json_kind(instance)}"
+                    f"instance {i}: expected a JSON object of column values, got {json_kind(instance)}"
                 )
             for feature in self.features:
                 name = feature["name"]
@@ -583,11 +583,11 @@ class Encoder:
                     if value is not None and not isinstance(value, str):
                         raise ValueError(
                             f"instance {i}: column {name!r} is text and must be a string, "
-                            f"got {_json_kind(value)}"
+                            f"got {json_kind(value)}"
                         )
                 elif value is not None and not isinstance(value, str | int | float):
                     raise ValueError(
-                        f"instance {i}: column {name!r} must be a string or a number, got {_json_kind(value)}"
+                        f"instance {i}: column {name!r} must be a string or a number, got {json_kind(value)}"
                     )
                 columns[name].append(value)
         return self.encode_inputs(columns, len(instances))
@@ -682,11 +682,19 @@ def _target_number(text: str) -> float:
     return number
 
 
-def _json_kind(value: Any) -> str:
+def json_kind(value: Any, quote_strings: bool = True) -> str:
+    """How a request's JSON value reads in an error message: its kind, or the value itself.
+
+    `quote_strings` False says "a string" instead of echoing one (an image's base64 would fill the message).
+    """
     if isinstance(value, Mapping):
         return "an object"
     if isinstance(value, list | tuple):
         return "an array"
     if isinstance(value, bool):
         return "a boolean"
+    if value is None:
+        return "null"
+    if isinstance(value, str) and not quote_strings:
+        return "a string"
     return repr(value)

@@ -32,7 +32,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 from torch.nn import functional
 
-from data import DataError
+from data import DataError, json_kind
 
 log = logging.getLogger("train")
 
@@ -593,13 +593,15 @@ def encode_image_instances(instances: Sequence[Any], size: int) -> np.ndarray:
     for i, instance in enumerate(instances):
         if not isinstance(instance, Mapping):
             raise ValueError(
-                f'instance {i}: expected a JSON object with an "image" key, got {_json_kind(instance)}'
+                f'instance {i}: expected a JSON object with an "image" key, got {json_kind(instance, quote_strings=False)}'
             )
         if "image" not in instance:
             raise ValueError(f'instance {i}: missing "image" (the base64 of an image file)')
         value = instance["image"]
         if not isinstance(value, str):
-            raise ValueError(f'instance {i}: "image" must be a base64 string, got {_json_kind(value)}')
+            raise ValueError(
+                f'instance {i}: "image" must be a base64 string, got {json_kind(value, quote_strings=False)}'
+            )
         data = _base64_bytes(value)
         if data is None:
             raise ValueError(f'instance {i}: "image" is not valid base64')
@@ -623,16 +625,3 @@ def _base64_bytes(text: str) -> bytes | None:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         return None
-
-
-def _json_kind(value: Any) -> str:
-    if isinstance(value, Mapping):
-        return "an object"
-    if isinstance(value, list | tuple):
-        return "an array"
-    if isinstance(value, bool):
-        return "a boolean"
-    if value is None:
-        return "null"
-    # Unlike data.py's, a string is not echoed: here it would be a whole image's base64.
-    return "a string" if isinstance(value, str) else repr(value)
