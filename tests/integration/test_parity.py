@@ -23,6 +23,7 @@ NOT_CREATED = {
     "AWS::SQS::QueuePolicy": "moto's S3 notifies the queue without it (tests/unit/test_iam_policy.py checks it)",
     "AWS::IAM::ManagedPolicy": "local mode evaluates no IAM (tests/unit/test_iam_policy.py checks the policies)",
     "AWS::Lambda::Permission": "the local gateways invoke the function in-process",
+    "AWS::Serverless::LayerVersion": "functions run in-process, in the virtualenv that has the layer's Pillow",
 }
 
 
