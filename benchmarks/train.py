@@ -197,7 +197,8 @@ def train_model(channels: dict[str, Path], root: Path, epochs: int) -> dict[str,
     root.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     completed = subprocess.run(
-        [sys.executable, str(TRAINING / "train.py"), "--epochs", str(epochs)],
+        # The tabular recipe (its text column as a bag of words): the MLP the loop benchmark measures too.
+        [sys.executable, str(TRAINING / "train.py"), "--epochs", str(epochs), "--recipe", "tabular"],
         env=env,
         cwd=root,
         capture_output=True,
@@ -256,7 +257,13 @@ def loop_throughput(channels: dict[str, Path], config: Config) -> dict[str, Any]
     epochs = config.loop_epochs
     # Patience beyond the last epoch: fit() runs every epoch, so both loops take the same steps.
     args = train.parse_args(
-        [*arguments, f"--epochs={epochs}", f"--patience={epochs + 1}", "--checkpoint-steps=0"]
+        [
+            *arguments,
+            f"--epochs={epochs}",
+            f"--patience={epochs + 1}",
+            "--checkpoint-steps=0",
+            "--recipe=tabular",
+        ]
     )
     torch.set_num_threads(1)  # what train.py does on a CPU, for both loops
     train.seed_everything(args.seed)
