@@ -23,7 +23,9 @@ from botocore.exceptions import ClientError
 from localstack_client.session import Session
 from localstack_stack import Deployed, deploy
 
+from common.config import Settings
 from conveyor.local.template import Stack
+from preprocess.resources import training_resources
 
 ROOT = Path(__file__).resolve().parents[2]
 ENDPOINT = os.environ.get("LOCALSTACK_ENDPOINT", "")
@@ -127,6 +129,10 @@ def execution_input(stack: Stack, dataset: str, version: str, **extra: Any) -> d
                 "sagemaker_submit_directory": f"s3://{artifacts}/code/training/sourcedir.tar.gz",
             },
             "output_path": f"s3://{artifacts}/training/{dataset}/",
+            # Where the job runs: the template's defaults, resolved as PreprocessFunction resolves them.
+            "resources": training_resources(
+                {}, Settings.from_env(stack.function_environment("PreprocessFunction"))
+            ),
         },
         "gate": {"metric": "accuracy", "threshold": None, "margin": 0.0},
         **extra,
