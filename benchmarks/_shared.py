@@ -8,10 +8,12 @@ import datetime as dt
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import subprocess
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,30 @@ def code_identity(root: Path, files: Sequence[Path], pathspecs: Sequence[str]) -
         "digest": digest,
         "uncommitted_changes": sorted(line[3:] for line in dirty.splitlines() if line.strip()),
     }
+
+
+def code_sentence(
+    code: dict[str, Any], digest_of: str, changed: str = "the code changed during the run"
+) -> str:
+    """The report's sentence naming what was measured: the commit, the digest of `digest_of`, files with
+    uncommitted changes, and `changed` (in bold) when the code changed while the benchmark ran."""
+    changes = code["uncommitted_changes"]
+    return (
+        f"Conveyor at commit {(code['commit'] or 'unknown')[:12]}, {digest_of} digest {code['digest'][:12]}"
+        + (f" (uncommitted changes in {', '.join(changes)})" if changes else "")
+        + (f" — **{changed}**" if code.get("changed_during_run") else "")
+        + "."
+    )
+
+
+def quiet_local_stack() -> None:
+    """Keep the local stack's request logs and moto's failed-state errors off a benchmark's output, as
+    `conveyor demo` does."""
+    logging.basicConfig(level=logging.WARNING)
+    for noisy in ("werkzeug", "botocore", "urllib3", "smart_open", "localcloud.lambda", "localcloud.gateway"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("moto").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="No application metrics to publish")
 
 
 def mark(figure: dict[str, Any], text: str) -> str:

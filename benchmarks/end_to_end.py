@@ -36,7 +36,6 @@ import datetime as dt
 import hashlib
 import importlib.util
 import json
-import logging
 import os
 import shutil
 import statistics
@@ -45,7 +44,6 @@ import sys
 import tarfile
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -87,12 +85,7 @@ def progress(message: str) -> None:
 
 def repeat_main(sample: Path, workdir: Path) -> dict[str, Any]:
     """Start the local stack, time upload → first prediction, then describe what happened; a JSON report."""
-    logging.basicConfig(level=logging.WARNING)
-    # As `conveyor demo`: the emulator's request log and moto's failed-state errors stay off the output.
-    for noisy in ("werkzeug", "botocore", "urllib3", "smart_open", "localcloud.lambda", "localcloud.gateway"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("moto").setLevel(logging.CRITICAL)
-    warnings.filterwarnings("ignore", message="No application metrics to publish")
+    _shared.quiet_local_stack()
     from conveyor import client
     from conveyor.local.cloud import LocalCloud
 
@@ -339,14 +332,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{m['platform']}; load average at start {m['load_average_at_start'][0]}, at the end "
         f"{m.get('load_average_at_end', ['?'])[0]}.",
         "",
-        f"Conveyor at commit {(code['commit'] or 'unknown')[:12]}, pipeline code digest {code['digest'][:12]}"
-        + (
-            f" (uncommitted changes in {', '.join(code['uncommitted_changes'])})"
-            if code["uncommitted_changes"]
-            else ""
-        )
-        + (" — **the code changed during the run**" if code.get("changed_during_run") else "")
-        + ".",
+        _shared.code_sentence(code, "pipeline code"),
         "",
         f"Data: `{config['sample']}` ({config['sample_rows']:,} rows, {config['sample_bytes']:,} bytes) "
         f"uploaded to `datasets/{DATASET}/` of a fresh local stack (`LocalCloud`, as `conveyor demo`; local "

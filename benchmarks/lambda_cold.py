@@ -542,15 +542,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"smart_open {m['smart_open']}, {m['platform']}; load average at start "
         f"{m['load_average_at_start'][0]}, at the end {m.get('load_average_at_end', ['?'])[0]}.",
         "",
-        f"Conveyor at commit {(code['commit'] or 'unknown')[:12]}, functions/ and template.yaml digest "
-        f"{code['digest'][:12]}"
-        + (
-            f" (uncommitted changes in {', '.join(code['uncommitted_changes'])})"
-            if code["uncommitted_changes"]
-            else ""
-        )
-        + (" — **the code changed during the run**" if code.get("changed_during_run") else "")
-        + ".",
+        _shared.code_sentence(code, "functions/ and template.yaml"),
         "",
         "Each import runs in a fresh interpreter with the function's Lambda environment (template.yaml's "
         "variables, `AWS_LAMBDA_FUNCTION_NAME`, `LAMBDA_TASK_ROOT`, ...; Powertools' Tracer is on, as with "

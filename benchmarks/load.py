@@ -43,7 +43,6 @@ import contextlib
 import datetime as dt
 import importlib.util
 import json
-import logging
 import math
 import os
 import random
@@ -54,7 +53,6 @@ import sys
 import tempfile
 import threading
 import time
-import warnings
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -443,11 +441,7 @@ def run_scenario(
     clients: int, seconds: float, rounds: int, round_seconds: float, work: Path
 ) -> dict[str, Any]:
     """Start the stack, deploy a first version, measure the steady rounds and the update under load."""
-    logging.basicConfig(level=logging.WARNING)
-    for noisy in ("werkzeug", "botocore", "urllib3", "smart_open", "localcloud.lambda", "localcloud.gateway"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    logging.getLogger("moto").setLevel(logging.CRITICAL)
-    warnings.filterwarnings("ignore", message="No application metrics to publish")
+    _shared.quiet_local_stack()
     from conveyor import client
     from conveyor.local.cloud import LocalCloud
 
@@ -740,7 +734,6 @@ def markdown(report: dict[str, Any]) -> str:
     label = {old: "old", new: "new"}
     parameters = ", ".join(f"{k}={v}" for k, v in config["stack_parameters"].items())
     rss_source = "psutil" if m.get("psutil") else "/proc/<pid>/status (VmRSS)"
-    changes = code["uncommitted_changes"]
     lines = [
         "# Local HTTPS API under load",
         "",
@@ -755,10 +748,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{m.get('load_average_at_end', ['?'])[0]}. RSS read from {rss_source} every "
         f"{results['sampler_seconds']:g} s.",
         "",
-        f"Conveyor at commit {(code['commit'] or 'unknown')[:12]}, pipeline code digest {code['digest'][:12]}"
-        + (f" (uncommitted changes in {', '.join(changes)})" if changes else "")
-        + (" — **the code changed during the run**" if code.get("changed_during_run") else "")
-        + ".",
+        _shared.code_sentence(code, "pipeline code"),
         "",
         f"Stack: `LocalCloud` with {parameters} (started in {results['stack_start_seconds']:.1f} s). Data: "
         f"{config['dataset_rows']} rows of two classes uploaded to `datasets/{DATASET}/data.csv` (deployed "

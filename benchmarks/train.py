@@ -797,7 +797,6 @@ def _mark(figure: dict[str, Any], text: str) -> str:
 def markdown(report: dict[str, Any]) -> str:
     m, code, model = report["machine"], report["code"], report["model"]
     loop, server, proxy = (report["results"][k] for k in ("training_loop", "model_server", "proxy"))
-    changed = code.get("changed_during_run")
     lines = [
         "# Training, serving and proxy benchmark",
         "",
@@ -810,14 +809,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"{m['aws-lambda-powertools']}, {m['platform']}; load average at start {m['load_average_at_start'][0]}, at the end "
         f"{m.get('load_average_at_end', ['?'])[0]}.",
         "",
-        f"Conveyor at commit {(code['commit'] or 'unknown')[:12]}, measured files' digest {code['digest'][:12]}"
-        + (
-            f" (uncommitted changes in {', '.join(code['uncommitted_changes'])})"
-            if code["uncommitted_changes"]
-            else ""
-        )
-        + (" — **a measured file changed during the run**" if changed else "")
-        + ".",
+        _shared.code_sentence(code, "measured files'", changed="a measured file changed during the run"),
         "",
         f"Data: {report['config']['rows']:,} generated churn rows (the preprocessing benchmark's generator), "
         f"split by `preprocess.core`; the served model was trained by `training/train.py` for "
