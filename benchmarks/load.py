@@ -20,7 +20,8 @@ sending its next request as soon as the last is answered (a closed loop, no paus
 Reported: requests/s, p50/p99 latency, every failed request (a status other than 200, a 200 without one
 prediction per row, or a connection error), which model version answered over time, and the resident
 memory (RSS) of the benchmark's own process, which holds the local stack (moto, the gateway, the proxy
-Lambda, the hosting adapter), and of each model server process, sampled every ``SAMPLE_SECONDS``.
+Lambda, the hosting adapter), and of each model server (its front end and worker processes together), sampled
+every ``SAMPLE_SECONDS``.
 
 Goals, none of them about speed: no failed request; both versions answered, the old one first and the
 new one last; no leak: each process's RSS at the end of its window ≤ ``MEMORY_RULE`` times its RSS at the
@@ -239,6 +240,22 @@ def rss_bytes(pid: int) -> int | None:
     return None
 
 
+def with_workers(pid: int) -> list[int]:
+    """A model server's front end and its worker processes (its children)."""
+    children: list[int] = []
+    with contextlib.suppress(OSError):
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                children += [int(c) for c in (task / "children").read_text().split()]
+    return [pid, *children]
+
+
+def tree_rss_bytes(pid: int) -> int | None:
+    """The RSS of a model server: its front end's and its workers' together (None once it is gone)."""
+    values = [rss_bytes(p) for p in with_workers(pid)]
+    return None if values[0] is None else sum(v for v in values if v is not None)
+
+
 def model_servers() -> dict[int, str]:
     """The model server processes this process started: pid → the endpoint config it serves (the path of
     its model directory is ``endpoints/<endpoint>/<endpoint config>/model``)."""
@@ -274,7 +291,7 @@ class MemorySampler(threading.Thread):
         with self._lock:
             self.names.update(servers)
             for pid in (os.getpid(), *servers):
-                value = rss_bytes(pid)
+                value = rss_bytes(pid) if pid == os.getpid() else tree_rss_bytes(pid)
                 if value is not None:
                     self.samples.setdefault(pid, []).append((now, value))
 
@@ -543,13 +560,19 @@ def run_scenario(
     }
 
 
-def cpu_seconds(pid: int) -> float | None:
-    """User + system CPU time a process (all its threads) has used so far; None once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def cpu_seconds(pid: int, workers: bool = False) -> float | None:
+    """User + system CPU time a process (all its threads) has used so far, with its children's (a model
+    server's workers) when `workers`; None once it is gone."""
+    total = 0.0
+    for index, process in enumerate(with_workers(pid) if workers else [pid]):
+        try:
+            fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            if index == 0:
+                return None
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def steady_rounds(
@@ -568,9 +591,9 @@ def steady_rounds(
         order = ("api", "direct") if index % 2 == 0 else ("direct", "api")
         result: dict[str, Any] = {"order": list(order)}
         for mode in order:
-            before = {name: cpu_seconds(pid) for name, pid in processes.items()}
+            before = {name: cpu_seconds(pid, name == "model_server") for name, pid in processes.items()}
             run = run_clients(config, mode, urls[mode], clients, round_seconds)
-            after = {name: cpu_seconds(pid) for name, pid in processes.items()}
+            after = {name: cpu_seconds(pid, name == "model_server") for name, pid in processes.items()}
             summary = summarise(run)
             summary["cpu_ms_per_request"] = {
                 name: round(1000 * (after[name] - start) / summary["answered"], 3)
