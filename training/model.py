@@ -26,6 +26,10 @@ class TabularMLP(nn.Module):
     Each hidden layer is Linear, LayerNorm, ReLU, Dropout. LayerNorm rather than BatchNorm: it behaves the
     same in training and serving, and a last mini-batch of one row cannot break it.
 
+    With `linear_path`, a linear layer from the inputs is added to the MLP's output (wide and deep). The
+    tabular recipe fits it first, as a regularised linear model, and trains the MLP on top of it for what it
+    misses (``train.fit_linear_path``).
+
     Parameters
     ----------
     in_features
@@ -36,6 +40,9 @@ class TabularMLP(nn.Module):
         Width of each hidden layer; empty gives a linear model.
     dropout
         Dropout probability after each hidden layer.
+    linear_path
+        Add a linear layer from the inputs to the output (ignored without hidden layers: the network is
+        linear already).
     """
 
     def __init__(
@@ -44,12 +51,14 @@ class TabularMLP(nn.Module):
         out_features: int,
         hidden_units: Sequence[int] = (128, 64),
         dropout: float = 0.1,
+        linear_path: bool = False,
     ) -> None:
         super().__init__()
         self.in_features = in_features
         self.out_features = out_features
         self.hidden_units = [int(h) for h in hidden_units]
         self.dropout = float(dropout)
+        self.linear = nn.Linear(in_features, out_features) if linear_path and self.hidden_units else None
         layers: list[nn.Module] = []
         width = in_features
         for size in self.hidden_units:
@@ -60,7 +69,16 @@ class TabularMLP(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """Logits (classification) or the standardised value (regression), one row per input row."""
-        return self.layers(features)
+        if self.linear is None:
+            return self.layers(features)
+        return self.linear(features) + self.layers(features)
+
+    @property
+    def output_layer(self) -> nn.Linear:
+        """The last layer of the MLP (the whole network when it has no hidden layers)."""
+        last = self.layers[-1]
+        assert isinstance(last, nn.Linear)
+        return last
 
     def architecture(self) -> dict[str, Any]:
         """What `build_model` needs to rebuild this network (saved in ``model_config.json``)."""
@@ -70,6 +88,7 @@ class TabularMLP(nn.Module):
             "out_features": self.out_features,
             "hidden_units": self.hidden_units,
             "dropout": self.dropout,
+            "linear_path": self.linear is not None,
         }
 
 
@@ -172,7 +191,7 @@ def build_model(architecture: Mapping[str, Any]) -> nn.Module:
     ----------
     architecture
         What the network's ``architecture()`` returned: ``{"name": "tabular_mlp", "in_features",
-        "out_features", "hidden_units", "dropout"}``, or ``"text_bilstm"`` with ``vocabulary_sizes``,
+        "out_features", "hidden_units", "dropout", "linear_path"}``, or ``"text_bilstm"`` with ``vocabulary_sizes``,
         ``embedding_dim`` and ``sequence_units`` too, or ``"image_cnn"`` (``images.ImageCNN``).
 
     Returns
@@ -200,4 +219,4 @@ def build_model(architecture: Mapping[str, Any]) -> nn.Module:
             sequence_units=int(architecture["sequence_units"]),
             **common,
         )
-    return TabularMLP(**common)
+    return TabularMLP(**common, linear_path=bool(architecture.get("linear_path", False)))

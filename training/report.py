@@ -105,6 +105,25 @@ def _tick(value: float) -> str:
     return f"{value:.3g}"
 
 
+def _training_sentence(summary: dict[str, Any]) -> str:
+    """How training went, in words: epochs, time, what was kept."""
+    epochs, seconds, best = (
+        summary.get("epochs_run", "?"),
+        summary.get("training_seconds", "?"),
+        summary.get("best_epoch", "?"),
+    )
+    linear = summary.get("linear_path")
+    if not linear:
+        return f"trained {epochs} epochs in {seconds} s and kept epoch {best}."
+    fitted = f"a linear model was fitted first ({linear['iterations']} L-BFGS iterations)"
+    if best == 0:
+        return (
+            f"{fitted}; training ran {epochs} epochs from there in {seconds} s, none of which lowered "
+            "validation loss, so the fitted linear model was kept."
+        )
+    return f"{fitted}, then training ran {epochs} epochs from there in {seconds} s and kept epoch {best}."
+
+
 def learning_curves(history: Sequence[dict[str, Any]], best_epoch: int, path: Path) -> None:
     epochs = [row["epoch"] for row in history]
     train = [row["train_loss"] for row in history]
@@ -114,13 +133,14 @@ def learning_curves(history: Sequence[dict[str, Any]], best_epoch: int, path: Pa
         "Learning curves (loss per epoch)",
         "epoch",
         "loss",
-        (min(epochs), max(epochs)),
+        (min([*epochs, best_epoch]), max(epochs)),  # epoch 0 when the start was kept
         (min(finite, default=0.0), max(finite, default=1.0)),
     )
     chart.line(epochs, train, BLUE)
     chart.line(epochs, validation, ORANGE)
     chart.line([best_epoch, best_epoch], list(chart.y_range), GREY, width=1)
-    chart.legend([("train", BLUE), ("validation", ORANGE), (f"kept: epoch {best_epoch}", GREY)])
+    kept = f"kept: epoch {best_epoch}" if best_epoch else "kept: the start (epoch 0)"
+    chart.legend([("train", BLUE), ("validation", ORANGE), (kept, GREY)])
     chart.save(path)
 
 
@@ -326,7 +346,7 @@ figure{{display:inline-block;margin:0 1em 1em 0;vertical-align:top}}img{{max-wid
 <body><h1>Model for {e(str(summary.get("dataset")))}, data version {e(str(summary.get("version")))}</h1>
 <p class="verdict">{e(_verdict(summary))}</p>
 <p>{e(summary["task"])}; headline metric <b>{e(summary["metric"])} {summary["value"]:.4f}</b> against {e(summary.get("baseline_name", "baseline"))} {summary["baseline"]:.4f};
-trained {summary.get("epochs_run", "?")} epochs in {summary.get("training_seconds", "?")} s and kept epoch {summary.get("best_epoch", "?")}.</p>
+{e(_training_sentence(summary))}</p>
 {f"<p><i>{e(missing)}</i></p>" if missing else ""}
 {figures}
 <h2>Test metrics</h2><table><tr><th>metric</th><th>value</th></tr>{metrics}</table>

@@ -554,6 +554,106 @@ def test_auc_and_f1_agree_with_hand_computed_values(training_modules):
     assert binary["confusion_matrix"] == {"no": {"no": 1, "yes": 0}, "yes": {"no": 1, "yes": 2}}
 
 
+# --- the tabular recipe's linear path ---------------------------------------------------------------------
+
+
+def fit_arguments(train, *extra):
+    """Hyperparameters as parse_args gives them (the channels are not read)."""
+    channels = [
+        arg for name in ("train", "validation", "test", "manifest") for arg in (f"--{name}", "unused")
+    ]
+    return train.parse_args([*channels, *extra])
+
+
+def test_the_linear_path_is_ridge_fitted_exactly_and_the_mlp_starts_from_it(training_modules):
+    import torch
+
+    train, model = training_modules("train"), training_modules("model")
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(300, 4)).astype(np.float32)
+    y = (x @ np.array([1.5, -2.0, 0.5, 0.0]) + 0.3 + rng.normal(scale=0.5, size=300)).astype(np.float32)
+    network = model.TabularMLP(4, 1, (16,), 0.0, linear_path=True)
+    inputs = torch.from_numpy(x)
+    iterations = train.fit_linear_path(network, train.Regression(1.0), ((inputs,), torch.from_numpy(y)))
+    # Ridge(alpha=1) in closed form: centred data, the intercept not penalised.
+    centred, target = x - x.mean(axis=0), y - y.mean()
+    weights = np.linalg.solve(centred.T @ centred + np.eye(4), centred.T @ target)
+    assert network.linear.weight.detach().numpy()[0] == pytest.approx(weights, abs=1e-4)
+    assert network.linear.bias.item() == pytest.approx(y.mean() - x.mean(axis=0) @ weights, abs=1e-4)
+    assert iterations >= 1
+    # Training starts from exactly the linear model, whose weights stay as fitted.
+    assert not any(p.requires_grad for p in network.linear.parameters())
+    assert torch.equal(network(inputs), network.linear(inputs))
+    assert model.build_model(network.architecture()).linear is not None  # serving rebuilds the same network
+
+
+def test_the_linear_path_of_a_classifier_is_the_l2_logistic_regression_optimum(training_modules):
+    import torch
+
+    train, model = training_modules("train"), training_modules("model")
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(400, 3)).astype(np.float32)
+    logits = x @ np.array([[2.0, -1.0, 0.0], [0.0, 1.5, -1.5], [1.0, 0.0, 1.0]])
+    y = np.argmax(logits + rng.gumbel(size=logits.shape), axis=1)
+    network = model.TabularMLP(3, 3, (), 0.0, linear_path=True)  # no hidden layers: the fitted layer is all
+    inputs, targets = torch.from_numpy(x), torch.from_numpy(y)
+    objective = train.Classification(None)
+    train.fit_linear_path(network, objective, ((inputs,), targets))
+    layer = network.output_layer
+    assert layer.weight.requires_grad  # without hidden layers training goes on from the fit
+    loss = objective.train_loss(layer(inputs), targets) + 0.5 * layer.weight.square().sum() / len(y)
+    gradients = torch.autograd.grad(loss, [layer.weight, layer.bias])
+    assert max(g.abs().max().item() for g in gradients) < 1e-4  # the penalised loss's minimum
+    sklearn = pytest.importorskip("sklearn.linear_model")
+    reference = sklearn.LogisticRegression(C=1.0, max_iter=10_000, tol=1e-8).fit(x, y)
+    probabilities = torch.softmax(layer(inputs), dim=1).detach().numpy()
+    assert probabilities == pytest.approx(reference.predict_proba(x), abs=1e-3)
+
+
+def test_fit_keeps_the_start_when_no_epoch_lowers_validation_loss(training_modules):
+    import torch
+
+    train, model = training_modules("train"), training_modules("model")
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.normal(size=(200, 3)).astype(np.float32))
+    y = x @ torch.tensor([1.0, -1.0, 0.5]) + 0.1 * torch.from_numpy(rng.normal(size=200).astype(np.float32))
+    network = model.TabularMLP(3, 1, (8,), 0.0, linear_path=True)
+    objective = train.Regression(1.0)
+    train.fit_linear_path(network, objective, ((x[:150],), y[:150]))
+    fitted = network.linear(x[150:]).detach()
+    # A learning rate this high wrecks the MLP's part in its first steps: every epoch is worse than the start.
+    args = fit_arguments(train, "--learning-rate", "50", "--epochs", "3", "--patience", "5")
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = train.fit(network, objective, ((x[:150],), y[:150]), ((x[150:],), y[150:]), args)
+    assert (result.best_epoch, result.epochs_run) == (0, 3)
+    assert torch.allclose(train.predict(network, (x[150:],)), fitted)
+
+
+def test_automatic_class_weights_start_at_four_to_one(training_modules):
+    train = training_modules("train")
+    assert train.class_weights(np.array([0] * 80 + [1] * 20), 2, "auto") is None
+    weights = train.class_weights(np.array([0] * 81 + [1] * 19), 2, "auto")
+    assert weights == pytest.approx(train.class_weights(np.array([0] * 81 + [1] * 19), 2, "sqrt"))
+    assert weights[1] > weights[0]
+    assert train.class_weights(np.array([0] * 30 + [1] * 30 + [2] * 5), 3, "auto") is not None
+    assert fit_arguments(train).class_weights == "auto"
+
+
+def test_the_report_says_when_the_linear_model_was_kept_alone(training_modules):
+    report = training_modules("report")
+    linear = {"iterations": 14, "seconds": 0.01}
+    kept = report._training_sentence(
+        {"epochs_run": 9, "training_seconds": 1.2, "best_epoch": 0, "linear_path": linear}
+    )
+    trained = report._training_sentence(
+        {"epochs_run": 9, "training_seconds": 1.2, "best_epoch": 4, "linear_path": linear}
+    )
+    plain = report._training_sentence({"epochs_run": 9, "training_seconds": 1.2, "best_epoch": 4})
+    assert "the fitted linear model was kept" in kept and "14 L-BFGS iterations" in kept
+    assert trained.endswith("kept epoch 4.") and "linear model was fitted first" in trained
+    assert plain == "trained 9 epochs in 1.2 s and kept epoch 4."
+
+
 # --- text features: a bag of words per text column -------------------------------------------------------
 
 POSITIVE = ["great", "wonderful", "loved", "excellent", "superb", "delightful", "brilliant", "enjoyable"]
