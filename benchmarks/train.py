@@ -7,8 +7,9 @@ Makes a churn table (the preprocessing benchmark's generator), preprocesses it w
                    AdamW, the same TabularMLP, batch size, encoded tensors, loss and number of steps, and no
                    validation, early stopping, checkpoints or reporting. One torch thread for both, as
                    train.py sets on a CPU. Goal ≥ 0.95.
-``model server``   requests/s of ``conveyor.local.model_server`` ÷ a naive Flask server (Flask's own
-                   threaded server, one request → input_fn, predict_fn, output_fn), both loading the
+``model server``   requests/s of ``conveyor.local.model_server`` (its front end and default workers: one per
+                   core) ÷ a naive Flask server (Flask's own threaded server in one process, one request →
+                   input_fn, predict_fn, output_fn), both loading the
                    artefact's ``code/inference.py``, both in their own process; a fixed number of requests
                    of 1 and of 100 rows from a few client threads over keep-alive connections. Goal ≥ 2.
 ``proxy``          p50 and p99 time of the inference proxy Lambda handler, in process, on an API Gateway
@@ -617,7 +618,10 @@ def server_throughput(model_dir: Path, instances: list[dict[str, Any]], config: 
     stages = handler_stages(model_dir, bodies, max(20, config.requests // 10), logs)
     for payload in payloads:
         payload["handler_ms"] = stages[str(payload["rows"])]
-    return {"requests": config.requests, "clients": config.clients, "payloads": payloads}
+    from conveyor.local.model_server import default_workers  # what the server process chose
+
+    workers = default_workers()
+    return {"requests": config.requests, "clients": config.clients, "workers": workers, "payloads": payloads}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -841,8 +845,10 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "## 2. Model server",
         "",
-        f"`conveyor.local.model_server` (ThreadingHTTPServer) against a naive Flask server (its threaded "
-        f"development server; input_fn, predict_fn, output_fn per request), both loading the model with the "
+        f"`conveyor.local.model_server` (an asyncio HTTP/1.1 front end handing requests to {server.get('workers', 1)} "
+        "worker process(es), one per core as SageMaker's serving container runs them) against a naive Flask "
+        "server (its threaded development server, one process; input_fn, predict_fn, output_fn per request), "
+        "both loading the model with the "
         f"artefact's `code/inference.py`: {server['requests']:,} requests per run from {server['clients']} "
         "client threads, each over one keep-alive HTTP/1.1 connection on loopback; client and servers share "
         "the machine's cores.",
