@@ -71,7 +71,7 @@ _END64_LOCATOR = struct.Struct("<4sLQL")
 _END64 = struct.Struct("<4sQ2H2L4Q")  # zip64 end of central directory record (without extensible data)
 _UNREADABLE_ENTRY = (zipfile.BadZipFile, zlib.error, lzma.LZMAError, EOFError, OSError, ValueError)
 
-# (format, mode, width, height) of an image file, or None when Pillow cannot identify and verify it.
+# (format, mode, width, height) of an image file, or None when Pillow cannot identify, verify and decode it.
 Identify = Callable[[bytes], tuple[str, str, int, int] | None]
 
 
@@ -439,13 +439,19 @@ def _identifier() -> Identify:
             with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
                 described = (str(image.format), image.mode, image.width, image.height)
                 image.verify()
+            # Training decodes nothing above Pillow's decompression-bomb limit (training/images.py): such an
+            # image is as unreadable here, and is never decoded.
+            if Image.MAX_IMAGE_PIXELS and described[2] * described[3] > Image.MAX_IMAGE_PIXELS:
+                return None
+            # verify() reads the structure, not the pixels: a JPEG cut short passes it and would fail the
+            # training job. Decoding finds it; a JPEG decodes at an eighth of its size (draft), which costs
+            # a fraction of a full decode.
+            with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as image:
+                image.draft(None, (1, 1))
+                image.load()
         except (
             Exception
         ):  # Pillow's plugins raise many kinds of error on a broken file; each means unreadable
-            return None
-        # Training decodes nothing above Pillow's decompression-bomb limit (training/images.py): such an
-        # image is as unreadable here.
-        if Image.MAX_IMAGE_PIXELS and described[2] * described[3] > Image.MAX_IMAGE_PIXELS:
             return None
         return described
 
