@@ -125,21 +125,23 @@ def _training_sentence(summary: dict[str, Any]) -> str:
 
 
 def learning_curves(history: Sequence[dict[str, Any]], best_epoch: int, path: Path) -> None:
+    """Train and validation loss per epoch; epoch 0 (where training started: validation loss only) when recorded."""
     epochs = [row["epoch"] for row in history]
-    train = [row["train_loss"] for row in history]
+    trained = [row for row in history if "train_loss" in row]
+    train = [row["train_loss"] for row in trained]
     validation = [row["validation_loss"] for row in history]
     finite = [v for v in train + validation if np.isfinite(v)]
     chart = _Chart(
         "Learning curves (loss per epoch)",
         "epoch",
         "loss",
-        (min([*epochs, best_epoch]), max(epochs)),  # epoch 0 when the start was kept
+        (min([*epochs, best_epoch]), max(epochs)),
         (min(finite, default=0.0), max(finite, default=1.0)),
     )
-    chart.line(epochs, train, BLUE)
+    chart.line([row["epoch"] for row in trained], train, BLUE)
     chart.line(epochs, validation, ORANGE)
     chart.line([best_epoch, best_epoch], list(chart.y_range), GREY, width=1)
-    kept = f"kept: epoch {best_epoch}" if best_epoch else "kept: the start (epoch 0)"
+    kept = f"kept: epoch {best_epoch}" if best_epoch else "kept: epoch 0, start"
     chart.legend([("train", BLUE), ("validation", ORANGE), (kept, GREY)])
     chart.save(path)
 

@@ -559,9 +559,10 @@ def fit(
     else:
         # Where training starts is a candidate too: a network that starts as a fitted linear model (the
         # tabular recipe's linear path) keeps it unless an epoch lowers validation loss.
-        start = objective.validation_report(predict(network, x_val), y_val)["validation_loss"]
-        if math.isfinite(start):
-            best.best_validation_loss = start
+        start = objective.validation_report(predict(network, x_val), y_val)
+        best.history.append({"epoch": 0, **start})  # no train loss: nothing has trained yet
+        if math.isfinite(start["validation_loss"]):
+            best.best_validation_loss = start["validation_loss"]
             best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
     started = time.monotonic() - best.seconds
 

@@ -626,6 +626,10 @@ def test_fit_keeps_the_start_when_no_epoch_lowers_validation_loss(training_modul
     with contextlib.redirect_stdout(io.StringIO()):
         result = train.fit(network, objective, ((x[:150],), y[:150]), ((x[150:],), y[150:]), args)
     assert (result.best_epoch, result.epochs_run) == (0, 3)
+    # The start is in the history as epoch 0 (the report plots it), validated but not trained.
+    assert [row["epoch"] for row in result.history] == [0, 1, 2, 3]
+    assert "train_loss" not in result.history[0]
+    assert result.history[0]["validation_loss"] == pytest.approx(result.best_validation_loss)
     assert torch.allclose(train.predict(network, (x[150:],)), fitted)
 
 
