@@ -109,6 +109,11 @@ MAX_WAIT_SECONDS = 28 * 24 * 3600
 TRAINING_KEYS = ("instance_type", "instance_count", "spot", "max_wait_seconds")
 
 
+def _whole_number(value: Any, low: int, high: int) -> bool:
+    """A JSON whole number from `low` to `high` (true and false are not numbers here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
 def check_training_spec(training: Any) -> dict[str, Any]:
     """Check conveyor.json's ``training`` block: every key optional, none unknown.
 
@@ -135,9 +140,7 @@ def check_training_spec(training: Any) -> dict[str, Any]:
             f"'ml.g5.2xlarge', not {instance_type!r}"
         )
     count = training.get("instance_count")
-    if count is not None and not (
-        isinstance(count, int) and not isinstance(count, bool) and 1 <= count <= MAX_INSTANCE_COUNT
-    ):
+    if count is not None and not _whole_number(count, 1, MAX_INSTANCE_COUNT):
         raise DatasetRejected(
             f"conveyor.json: training.instance_count must be a whole number from 1 to {MAX_INSTANCE_COUNT}, "
             f"not {count!r}"
@@ -146,9 +149,7 @@ def check_training_spec(training: Any) -> dict[str, Any]:
     if spot is not None and not isinstance(spot, bool):
         raise DatasetRejected(f"conveyor.json: training.spot must be true or false, not {spot!r}")
     wait = training.get("max_wait_seconds")
-    if wait is not None and not (
-        isinstance(wait, int) and not isinstance(wait, bool) and 1 <= wait <= MAX_WAIT_SECONDS
-    ):
+    if wait is not None and not _whole_number(wait, 1, MAX_WAIT_SECONDS):
         raise DatasetRejected(
             f"conveyor.json: training.max_wait_seconds must be a whole number of seconds from 1 to "
             f"{MAX_WAIT_SECONDS}, not {wait!r}"
