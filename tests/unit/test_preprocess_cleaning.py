@@ -1,6 +1,5 @@
 """The cleaning contract (docs/preprocessing.md) on bytes: formats, limits, duplicates, coercion, text."""
 
-import contextlib
 import csv
 import gzip
 import io
@@ -8,6 +7,7 @@ import json
 import random
 
 import pytest
+from split_files import SplitFiles
 
 from common.errors import DatasetRejected
 from preprocess.core import (
@@ -22,16 +22,7 @@ from preprocess.core import (
 PROVENANCE = {"dataset": "d", "version": "v", "source": {"bucket": "b", "key": "datasets/d/f"}}
 
 
-class Splits:
-    def __init__(self):
-        self.files: dict[str, str] = {}
-
-    @contextlib.contextmanager
-    def open(self, split):
-        buffer = io.StringIO()
-        yield buffer
-        self.files[split] = buffer.getvalue()
-
+class Splits(SplitFiles):
     def rows(self, split):
         return list(csv.reader(io.StringIO(self.files[split])))[1:]
 

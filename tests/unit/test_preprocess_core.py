@@ -1,11 +1,11 @@
 """The preprocessing core on bytes: target and task inference, splits, statistics, rejections."""
 
-import contextlib
 import csv
 import io
 import random
 
 import pytest
+from split_files import SplitFiles
 
 from common.errors import DatasetRejected
 from preprocess.core import DatasetSpec, preprocess, split_of
@@ -13,21 +13,7 @@ from preprocess.core import DatasetSpec, preprocess, split_of
 PROVENANCE = {"dataset": "d", "version": "v", "source": {"bucket": "b", "key": "datasets/d/f.csv"}}
 
 
-class Splits:
-    def __init__(self):
-        self.files: dict[str, str] = {}
-        self.aborted: list[str] = []
-
-    @contextlib.contextmanager
-    def open(self, split):
-        buffer = io.StringIO()
-        try:
-            yield buffer
-        except BaseException:
-            self.aborted.append(split)
-            raise
-        self.files[split] = buffer.getvalue()
-
+class Splits(SplitFiles):
     def rows(self, split):
         return list(csv.reader(io.StringIO(self.files[split])))
 

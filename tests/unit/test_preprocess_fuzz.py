@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
+from split_files import SplitFiles
 
 from common.errors import DatasetRejected
 from preprocess.core import DatasetSpec, preprocess
@@ -39,16 +40,7 @@ def _note(outcome: str) -> None:
         event(outcome)
 
 
-class Splits:
-    def __init__(self) -> None:
-        self.files: dict[str, str] = {}
-
-    @contextlib.contextmanager
-    def open(self, split: str):
-        buffer = io.StringIO(newline="")
-        yield buffer
-        self.files[split] = buffer.getvalue()
-
+class Splits(SplitFiles):
     def rows(self) -> list[list[str]]:
         rows = []
         for text in self.files.values():

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import random
@@ -15,6 +14,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from split_files import SplitFiles
 from test_preprocess_corpus import PROCESSED, RAW, Context, s3_event, sqs_batch, stack, upload  # noqa: F401
 from test_processing import files_under, job_root, run_job
 
@@ -55,22 +55,11 @@ def two_classes(cats: int = 40, dogs: int = 40, top: str = "", seed: int = 0) ->
     ]
 
 
-class Splits:
-    """Binary split files in memory; which ones were discarded because the upload was rejected."""
+class Splits(SplitFiles):
+    """The split zips in memory; which ones were discarded because the upload was rejected."""
 
     def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.aborted: list[str] = []
-
-    @contextlib.contextmanager
-    def open(self, split: str):
-        buffer = io.BytesIO()
-        try:
-            yield buffer
-        except BaseException:
-            self.aborted.append(split)
-            raise
-        self.files[split] = buffer.getvalue()
+        super().__init__(binary=True)
 
     def entries(self, split: str) -> dict[str, bytes]:
         with zipfile.ZipFile(io.BytesIO(self.files[split])) as archive:
