@@ -172,8 +172,13 @@ class DeployedStack:
         arn = sfn.start_execution(stateMachineArn=self.machine, name=name, input=json.dumps({"fail": fail}))[
             "executionArn"
         ]
+        deadline = time.monotonic() + 10
+        # moto runs an execution in a thread of its own, which may not have begun yet: stopping it before then
+        # fails inside moto (its worker has no environment). Its first history event says it has.
+        while not sfn.get_execution_history(executionArn=arn, maxResults=1)["events"]:
+            assert time.monotonic() < deadline, "moto's executor did not start the execution"
+            time.sleep(0.05)
         if fail:
-            deadline = time.monotonic() + 10
             while sfn.describe_execution(executionArn=arn)["status"] == "RUNNING":
                 assert time.monotonic() < deadline, "moto's executor did not fail the execution"
                 time.sleep(0.05)
