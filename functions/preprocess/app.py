@@ -27,7 +27,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 
-from common import aws
+from common import aws, base_models
 from common.announce import announce
 from common.config import Settings
 from common.errors import DatasetRejected
@@ -313,8 +313,17 @@ def _execution_input(manifest: dict[str, Any], spec: DatasetSpec, settings: Sett
         # them together with DistributedDataParallel.
         sagemaker_torch_distributed_enabled="true",
     )
+    resources = training_resources(spec.training, settings)
+    base, refused = _base_model(spec, manifest, resources, settings)
+    if base["index"]:
+        hyperparameters.update(
+            base_model=base["name"],
+            base_model_digest=base["digest"],
+            adapter=spec.adapter,
+            **({"max_length": str(spec.max_length)} if spec.max_length else {}),
+        )
     default_metric = "accuracy" if manifest["task"] == "classification" else "r2"
-    return {
+    execution_input = {
         "dataset": slug,
         "version": version,
         "source": manifest["source"],
@@ -331,7 +340,8 @@ def _execution_input(manifest: dict[str, Any], spec: DatasetSpec, settings: Sett
         "training": {
             "hyperparameters": hyperparameters,
             "output_path": f"s3://{artifacts}/training/{slug}/",
-            "resources": training_resources(spec.training, settings),
+            "resources": resources,
+            "base": base,
         },
         "gate": {
             "metric": spec.metric or default_metric,
@@ -341,6 +351,47 @@ def _execution_input(manifest: dict[str, Any], spec: DatasetSpec, settings: Sett
         },
         "serving": {"mode": spec.serving},
     }
+    if refused is not None:
+        # The execution fails at once, with the notification every failure sends: no job starts.
+        execution_input["refused"] = {"Error": "BaseModelRefused", "Cause": refused.reason[:4000]}
+    return execution_input
+
+
+def _base_model(
+    spec: DatasetSpec, manifest: dict[str, Any], resources: dict[str, Any], settings: Settings
+) -> tuple[dict[str, Any], base_models.BaseModelRefused | None]:
+    """The training job's ``base`` channel (``index`` 1, its ``uri``, and what the checks found) when the
+    spec names a base model, else ``index`` 0; and the refusal, when the base cannot be fine-tuned as asked.
+
+    The checks (common.base_models) read config.json, the tokenizer's files and each safetensors header on
+    S3: a bad base fails the execution before a GPU is paid for.
+    """
+    if spec.base_model is None:
+        return {"index": 0, "uri": ""}, None
+    refusal = {"index": 0, "uri": "", "name": spec.base_model}
+    try:
+        bucket, prefix = base_models.locate(spec.base_model, settings.require("artifacts_bucket"))
+        kind = "image" if manifest.get("format") == "zip" or manifest.get("recipe") == "image" else "text"
+        info = base_models.inspect(
+            base_models.S3Files(aws.client("s3"), bucket, prefix),
+            task_kind=kind,
+            instance_type=resources["instance_type"],
+            adapter=spec.adapter,
+        )
+    except base_models.BaseModelRefused as refused:
+        logger.warning("base model refused", extra={"base_model": spec.base_model, "reason": refused.reason})
+        return refusal, refused
+    fit = base_models.estimate_fit(info.parameters, resources["instance_type"], spec.adapter, info.location)
+    return {
+        "index": 1,
+        "uri": f"s3://{bucket}/{prefix}",
+        "name": spec.base_model,
+        "digest": info.digest,
+        "model_type": info.model_type,
+        "parameters": info.parameters,
+        "adapter": spec.adapter,
+        "memory": fit,
+    }, None
 
 
 # ---------------------------------------------------------------- bigger than Lambda (SageMaker Processing)

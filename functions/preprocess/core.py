@@ -29,6 +29,7 @@ from gzip import BadGzipFile
 from typing import IO, Any
 
 from common.errors import DatasetRejected
+from preprocess.spec import DatasetSpec
 
 SPLITS = ("train", "validation", "test")
 FORMATS = ("csv", "jsonl")
@@ -69,7 +70,6 @@ SETTLE_NON_NUMERIC = 10_000
 # File name endings conveyor takes, and the format each one is read as ("zip": images, preprocess.images).
 SUFFIXES = {".csv": "csv", ".csv.gz": "csv", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".zip": "zip"}
 COMPRESSED_SUFFIXES = (".gz", ".zip")
-RECIPES = ("tabular", "text", "image")
 # A compressed upload may inflate to this many times its size (at least MIN_INFLATED_BYTES); more is
 # treated as a decompression bomb. CSV and JSON Lines typically compress 5-20x, images hardly at all.
 MAX_COMPRESSION_RATIO = 100
@@ -99,157 +99,6 @@ class Limits:
         if size is None or not key.lower().endswith(COMPRESSED_SUFFIXES):
             return cls()
         return cls(max_bytes=max(MIN_INFLATED_BYTES, size * MAX_COMPRESSION_RATIO))
-
-
-# The template's AllowedPattern for instance type parameters.
-INSTANCE_TYPE = re.compile(r"^ml\.[a-z0-9-]+\.[a-z0-9]+$")
-# SageMaker's limits for one training job.
-MAX_INSTANCE_COUNT = 20
-MAX_WAIT_SECONDS = 28 * 24 * 3600
-TRAINING_KEYS = ("instance_type", "instance_count", "spot", "max_wait_seconds")
-
-
-def _whole_number(value: Any, low: int, high: int) -> bool:
-    """A JSON whole number from `low` to `high` (true and false are not numbers here)."""
-    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
-
-
-def check_training_spec(training: Any) -> dict[str, Any]:
-    """Check conveyor.json's ``training`` block: every key optional, none unknown.
-
-    Raises
-    ------
-    DatasetRejected
-        Naming the key and what it must be.
-    """
-    if training is None:
-        return {}
-    if not isinstance(training, dict):
-        raise DatasetRejected('conveyor.json: training must be an object, e.g. {"instance_count": 2}')
-    unknown = sorted(set(training) - set(TRAINING_KEYS))
-    if unknown:
-        raise DatasetRejected(
-            f"conveyor.json: training has unknown keys: {', '.join(unknown)}", allowed=list(TRAINING_KEYS)
-        )
-    instance_type = training.get("instance_type")
-    if instance_type is not None and not (
-        isinstance(instance_type, str) and INSTANCE_TYPE.match(instance_type)
-    ):
-        raise DatasetRejected(
-            f"conveyor.json: training.instance_type must be a SageMaker instance type such as "
-            f"'ml.g5.2xlarge', not {instance_type!r}"
-        )
-    count = training.get("instance_count")
-    if count is not None and not _whole_number(count, 1, MAX_INSTANCE_COUNT):
-        raise DatasetRejected(
-            f"conveyor.json: training.instance_count must be a whole number from 1 to {MAX_INSTANCE_COUNT}, "
-            f"not {count!r}"
-        )
-    spot = training.get("spot")
-    if spot is not None and not isinstance(spot, bool):
-        raise DatasetRejected(f"conveyor.json: training.spot must be true or false, not {spot!r}")
-    wait = training.get("max_wait_seconds")
-    if wait is not None and not _whole_number(wait, 1, MAX_WAIT_SECONDS):
-        raise DatasetRejected(
-            f"conveyor.json: training.max_wait_seconds must be a whole number of seconds from 1 to "
-            f"{MAX_WAIT_SECONDS}, not {wait!r}"
-        )
-    return dict(training)
-
-
-@dataclass(frozen=True)
-class DatasetSpec:
-    """What the user said about the dataset in `conveyor.json` (all optional)."""
-
-    target: str | None = None
-    task: str | None = None
-    metric: str | None = None
-    threshold: float | None = None
-    drop_duplicates: bool = True
-    margin: float = 0.0
-    hyperparameters: dict[str, Any] = field(default_factory=dict)
-    # "auto": a model that passes the gate deploys; "manual": it waits in PendingManualApproval until a
-    # person approves its model package (which deploys it).
-    approval: str = "auto"
-    # "instances": a real-time endpoint on InferenceInstanceType; "serverless": a serverless endpoint.
-    serving: str = "instances"
-    # What trains (RECIPES); None: inferred from the data. "image" is a zip's only recipe, and only a zip's.
-    recipe: str | None = None
-    # Where the training job runs, over the stack's defaults (TRAINING_KEYS; preprocess/resources.py).
-    training: dict[str, Any] = field(default_factory=dict)
-
-    KEYS = frozenset(
-        {
-            "target",
-            "task",
-            "metric",
-            "threshold",
-            "drop_duplicates",
-            "margin",
-            "hyperparameters",
-            "approval",
-            "serving",
-            "recipe",
-            "training",
-        }
-    )
-
-    @classmethod
-    def from_json(cls, document: Any) -> DatasetSpec:
-        if not isinstance(document, dict):
-            raise DatasetRejected("conveyor.json must be a JSON object")
-        unknown = set(document) - cls.KEYS
-        if unknown:
-            raise DatasetRejected(
-                f"conveyor.json has unknown keys: {', '.join(sorted(unknown))}",
-                allowed=sorted(cls.KEYS),
-            )
-        task = document.get("task")
-        if task not in (None, "classification", "regression"):
-            raise DatasetRejected(
-                f"conveyor.json: task must be 'classification' or 'regression', not {task!r}"
-            )
-        target = document.get("target")
-        if target is not None and not isinstance(target, str):
-            raise DatasetRejected("conveyor.json: target must be a column name (a string)")
-        threshold = document.get("threshold")
-        if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
-            raise DatasetRejected("conveyor.json: threshold must be a number")
-        margin = document.get("margin", 0.0)
-        if isinstance(margin, bool) or not isinstance(margin, int | float) or margin < 0:
-            raise DatasetRejected("conveyor.json: margin must be a number of at least 0")
-        drop_duplicates = document.get("drop_duplicates", True)
-        if not isinstance(drop_duplicates, bool):
-            raise DatasetRejected("conveyor.json: drop_duplicates must be true or false")
-        hps = document.get("hyperparameters") or {}
-        if not isinstance(hps, dict):
-            raise DatasetRejected("conveyor.json: hyperparameters must be an object")
-        approval = document.get("approval", "auto")
-        if approval not in ("auto", "manual"):
-            raise DatasetRejected(f"conveyor.json: approval must be 'auto' or 'manual', not {approval!r}")
-        serving = document.get("serving", "instances")
-        if serving not in ("instances", "serverless"):
-            raise DatasetRejected(
-                f"conveyor.json: serving must be 'instances' or 'serverless', not {serving!r}"
-            )
-        recipe = document.get("recipe")
-        if recipe is not None and recipe not in RECIPES:
-            raise DatasetRejected(
-                f"conveyor.json: recipe must be {', '.join(map(repr, RECIPES))}, not {recipe!r}"
-            )
-        return cls(
-            target=target,
-            task=task,
-            metric=document.get("metric"),
-            threshold=None if threshold is None else float(threshold),
-            drop_duplicates=drop_duplicates,
-            margin=float(margin),
-            hyperparameters=hps,
-            approval=approval,
-            serving=serving,
-            recipe=recipe,
-            training=check_training_spec(document.get("training")),
-        )
 
 
 def is_missing(value: str) -> bool:
@@ -599,6 +448,9 @@ class _Column:
         self.other_values: Counter[str] | None = Counter()
         self.values: Counter[str] | None = None
         self.text = False
+        # Read as text because a base model is named (not declared, not inferred from words per value): a
+        # category after all when it has few distinct values (`_describe_feature`).
+        self.text_unless_category = False
         # Set once a column has shown many non-numbers, mostly: it stops parsing values as numbers.
         self.settled_non_numeric = False
         # Train-split statistics: Chan/Welford running mean and sum of squared deviations.
@@ -726,6 +578,12 @@ class _Column:
             # Keep the most frequent tokens; the rare tail cannot make the final vocabulary anyway.
             self.vocabulary = Counter(dict(self.vocabulary.most_common(2 * MAX_VOCABULARY)))
             self.vocabulary_pruned = True
+
+    @staticmethod
+    def looks_like_strings(values: tuple[str, ...]) -> bool:
+        """Mostly non-numeric values (judged on the first chunk of rows)."""
+        present = [v for v in values if not is_missing(v)]
+        return bool(present) and sum(_to_float(v) is None for v in present) * 2 >= len(present)
 
     @staticmethod
     def looks_like_text(values: tuple[str, ...]) -> bool:
@@ -918,6 +776,7 @@ def preprocess(
     header = table.header
     _check_header(header, limits, delimiter)
     target_index = _choose_target(header, spec, inferred)
+    _check_declared_columns(header, spec)
     max_distinct = max(1_000, min(20_000, limits.max_tracked_distinct // len(header)))
     columns = [_Column(name, max_distinct) for name in header]
 
@@ -932,7 +791,7 @@ def preprocess(
         for chunk in table.chunks:
             kept = state.clean(chunk)
             if first:
-                _mark_text_columns(columns, kept, target_index, inferred)
+                _mark_text_columns(columns, kept, target_index, inferred, spec)
                 first = False
             for split, part in kept.items():
                 if part.lines:
@@ -1108,17 +967,42 @@ class _PassState:
                 column.copy_of_target = False
 
 
+def _check_declared_columns(header: list[str], spec: DatasetSpec) -> None:
+    unknown = [name for name in spec.columns if name not in header]
+    if unknown:
+        raise DatasetRejected(
+            f"conveyor.json: columns names {', '.join(map(repr, unknown))}, not in this file's header",
+            header=header[:100],
+        )
+
+
 def _mark_text_columns(
-    columns: list[_Column], kept: dict[str, _Kept], target_index: int, inferred: list[str]
+    columns: list[_Column],
+    kept: dict[str, _Kept],
+    target_index: int,
+    inferred: list[str],
+    spec: DatasetSpec,
 ) -> None:
+    """Say which columns are text, from the first chunk: conveyor.json's ``columns`` first; with a base
+    model, every mostly non-numeric column (`_describe_feature` keeps few-valued ones as categories); else
+    the columns of several words per value."""
     rows = [row for split in SPLITS for row in kept[split].rows]
-    if not rows:
-        return
-    for index, values in enumerate(zip(*rows, strict=True)):
+    by_column = list(zip(*rows, strict=True)) if rows else [()] * len(columns)
+    for index, values in enumerate(by_column):
         column = columns[index]
-        if index != target_index and column.looks_like_text(values):
+        if index == target_index:
+            continue
+        declared = spec.columns.get(column.name)
+        if declared == "text":
+            column.text = True
+            inferred.append(f"text: column {column.name!r} (conveyor.json columns)")
+        elif declared is not None:
+            continue
+        elif column.looks_like_text(values):
             column.text = True
             inferred.append(f"text: column {column.name!r} (several words per value)")
+        elif spec.base_model is not None and column.looks_like_strings(values):
+            column.text = column.text_unless_category = True
 
 
 def _manifest(
@@ -1167,7 +1051,7 @@ def _manifest(
     for index, column in enumerate(columns):
         if index == target_index:
             continue
-        described.append(_describe_feature(column, rows=used))
+        described.append(_describe_feature(column, rows=used, declared=spec.columns.get(column.name)))
     features = [c for c in described if c["role"] == "feature"]
     if not features:
         raise DatasetRejected(
@@ -1220,6 +1104,17 @@ def _manifest(
 
 def _choose_recipe(features: list[dict[str, Any]], spec: DatasetSpec, inferred: list[str]) -> str:
     text = [c["name"] for c in features if c.get("type") == "text"]
+    if spec.base_model is not None:
+        if not text:
+            raise DatasetRejected(
+                f"conveyor.json names base_model {spec.base_model!r}, which reads text, but no feature column "
+                'is text: declare one, e.g. "columns": {"title": "text"}',
+                features={c["name"]: c.get("type") for c in features[:100]},
+            )
+        inferred.append(
+            f"recipe: pretrained (base_model {spec.base_model!r} reads {', '.join(map(repr, text))})"
+        )
+        return "pretrained"
     if spec.recipe == "text" and not text:
         raise DatasetRejected(
             "conveyor.json says recipe 'text', but no feature column is free text (several words per "
@@ -1337,18 +1232,32 @@ def _choose_task(target: _Column, spec: DatasetSpec, inferred: list[str]) -> str
     return "regression"
 
 
-def _describe_feature(column: _Column, rows: int) -> dict[str, Any]:
+def _describe_feature(column: _Column, rows: int, declared: str | None = None) -> dict[str, Any]:
     entry: dict[str, Any] = {"name": column.name}
     distinct = column.distinct_count
+    if declared == "ignore":
+        return {**entry, "role": "ignored", "reason": "conveyor.json columns: ignore"}
     if column.present == 0:
         return {**entry, "role": "ignored", "reason": "every value is missing"}
     if distinct == 1:
         return {**entry, "role": "ignored", "reason": "the same value in every row"}
     if column.copy_of_target:
         return {**entry, "role": "ignored", "reason": "a copy of the target (it would leak the answer)"}
+    unique_per_row = distinct is not None and distinct == column.present and column.present >= 20
+    if declared is not None:
+        return _declared_feature(column, entry, declared)
+    if column.text_unless_category:
+        if distinct is not None and distinct <= MAX_CATEGORIES:
+            return {**entry, "role": "feature", "type": "categorical", "stats": column.categorical_stats()}
+        if unique_per_row and _ID_NAME.search(column.name):
+            return {
+                **entry,
+                "role": "ignored",
+                "reason": 'identifier-like: a distinct value in every row (declare it "text" in '
+                "conveyor.json columns to read it)",
+            }
     if column.text:
         return {**entry, "role": "feature", "type": "text", "stats": column.text_stats()}
-    unique_per_row = distinct is not None and distinct == column.present and column.present >= 20
     if column.numeric:
         many = unique_per_row or distinct is None  # distinct per row, or too many distinct values to track
         if many and column.non_integer == 0 and _ID_NAME.search(column.name):
@@ -1362,4 +1271,24 @@ def _describe_feature(column: _Column, rows: int) -> dict[str, Any]:
             "role": "ignored",
             "reason": f"high-cardinality text ({distinct or 'too many'} distinct values, few words each)",
         }
+    return {**entry, "role": "feature", "type": "categorical", "stats": column.categorical_stats()}
+
+
+def _declared_feature(column: _Column, entry: dict[str, Any], declared: str) -> dict[str, Any]:
+    """A feature as conveyor.json's ``columns`` declares it, or DatasetRejected when the values disagree."""
+    if declared == "text":
+        return {**entry, "role": "feature", "type": "text", "stats": column.text_stats()}
+    if declared == "numeric":
+        if not column.numeric:
+            raise DatasetRejected(
+                f"conveyor.json says column {column.name!r} is numeric, but {column.non_numeric} of its "
+                'values are not numbers: fix them, or declare it "categorical" or "text"',
+                examples=column.non_numeric_examples,
+            )
+        return {**entry, "role": "feature", "type": "numeric", "stats": column.numeric_stats()}
+    if column.train_values is None:
+        raise DatasetRejected(
+            f"conveyor.json says column {column.name!r} is categorical, but it has more distinct values than "
+            f'conveyor tracks ({column.max_distinct:,}): declare it "text" or "ignore"',
+        )
     return {**entry, "role": "feature", "type": "categorical", "stats": column.categorical_stats()}

@@ -220,6 +220,30 @@ def cmd_publish_code(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_base_models_push(args: argparse.Namespace) -> int:
+    from conveyor import base_models
+
+    pushed = base_models.push(_target(args), args.folder, args.name, progress=sys.stdout)
+    what = "already in the hub, unchanged" if pushed.already_there else "pushed"
+    print(
+        f"{what}: {pushed.uri} ({pushed.parameters / 1e6:,.1f}M parameters, {pushed.files} files, "
+        f"{pushed.bytes / 2**20:,.1f} MiB, digest {pushed.digest})"
+    )
+    print(f'fine-tune it: put {{"base_model": "{args.name}"}} in the dataset\'s conveyor.json')
+    return 0
+
+
+def cmd_base_models_list(args: argparse.Namespace) -> int:
+    from conveyor import base_models
+
+    bases = base_models.list_bases(_target(args))
+    if args.json:
+        print(json.dumps(bases, indent=2))
+    else:
+        base_models.print_table(bases)
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     target = _target(args)
     sfn = target.client("stepfunctions")
@@ -356,6 +380,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="upload training/ and the preprocessing code for the pipeline's SageMaker jobs",
     )
     publish.set_defaults(func=cmd_publish_code)
+
+    bases = commands.add_parser(
+        "base-models", help="the base-model hub (pretrained models to fine-tune)"
+    ).add_subparsers(dest="base_models", required=True)
+    push = bases.add_parser(
+        "push", parents=[common], help="check a save_pretrained folder and upload it to the hub"
+    )
+    push.add_argument("folder", type=Path, help="config.json, model.safetensors (or shards), tokenizer files")
+    push.add_argument(
+        "--name", required=True, help='the base\'s name; a conveyor.json names it as "base_model"'
+    )
+    push.set_defaults(func=cmd_base_models_push)
+    listing = bases.add_parser("list", parents=[common], help="the base models in the hub")
+    listing.add_argument("--json", action="store_true", help="as JSON")
+    listing.set_defaults(func=cmd_base_models_list)
 
     status = commands.add_parser("status", parents=[common], help="pipeline executions and served models")
     status.add_argument("--dataset")

@@ -288,8 +288,10 @@ def states():
 
 def test_the_pipeline_runs_the_processing_job_only_when_the_input_asks_for_it():
     approved = states()[states()["Configure"]["Next"]]
-    # An execution that deploys an approved package has trained already; every other one goes on.
-    assert approved["Choices"][0]["Variable"] == "$.approved" and approved["Default"] == "PreprocessingJob?"
+    # A refused base model fails at once; an execution that deploys an approved package has trained
+    # already; every other one goes on.
+    assert [c["Variable"] for c in approved["Choices"]] == ["$.refused", "$.approved"]
+    assert approved["Default"] == "PreprocessingJob?"
     choice = states()["PreprocessingJob?"]
     assert choice["Type"] == "Choice"
     absent, processing = choice["Choices"]

@@ -14,8 +14,9 @@ import pytest
 
 from common.config import Settings
 from conveyor.local.template import Stack
-from preprocess.core import DatasetRejected, check_training_spec
+from preprocess.core import DatasetRejected
 from preprocess.resources import LOCAL_STORAGE_FAMILIES, training_resources
+from preprocess.spec import check_training_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 CREATE_JOB = ("createTrainingJob", "createProcessingJob")

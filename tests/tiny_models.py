@@ -1,0 +1,84 @@
+"""Tiny random-initialised Transformer encoders saved with `save_pretrained`, for tests: nothing is
+downloaded. Each has a WordPiece vocabulary of the given words, so it tokenises the test data into real
+ids, and a few thousand parameters, so it fine-tunes in seconds on a CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+WORDS = [
+    "the",
+    "a",
+    "is",
+    "was",
+    "not",
+    "very",
+    "good",
+    "bad",
+    "great",
+    "awful",
+    "terrible",
+    "fine",
+    "love",
+    "hate",
+    "movie",
+    "film",
+    "plot",
+    "actor",
+    "boring",
+    "fun",
+    "excellent",
+    "poor",
+    "product",
+    "service",
+    "fast",
+    "slow",
+    "broken",
+    "works",
+    "refund",
+    "happy",
+    "sad",
+    "ok",
+    "and",
+    "but",
+    "it",
+    "this",
+]
+
+
+def save_tiny_encoder(
+    folder: Path, family: str = "bert", words: Iterable[str] = WORDS, hidden: int = 16, layers: int = 2
+) -> Path:
+    """Save a tiny `family` ("bert" or "distilbert") encoder and its tokenizer to `folder`; returns it."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast, DistilBertConfig, DistilBertModel
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocabulary = [*SPECIAL, *dict.fromkeys(w.lower() for w in words)]
+    (folder / "vocab.txt").write_text("\n".join(vocabulary) + "\n")
+    torch.manual_seed(0)
+    if family == "bert":
+        config = BertConfig(
+            vocab_size=len(vocabulary),
+            hidden_size=hidden,
+            num_hidden_layers=layers,
+            num_attention_heads=2,
+            intermediate_size=2 * hidden,
+            max_position_embeddings=64,
+        )
+        model = BertModel(config)
+    elif family == "distilbert":
+        config = DistilBertConfig(
+            vocab_size=len(vocabulary), dim=hidden, n_layers=layers, n_heads=2, hidden_dim=2 * hidden,
+            max_position_embeddings=64,
+        )  # fmt: skip
+        model = DistilBertModel(config)
+    else:
+        raise ValueError(family)
+    model.save_pretrained(folder)
+    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(folder)
+    return folder
