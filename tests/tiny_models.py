@@ -79,6 +79,24 @@ def save_tiny_encoder(
     else:
         raise ValueError(family)
     model.save_pretrained(folder)
-    tokenizer = BertTokenizerFast(vocab_file=str(folder / "vocab.txt"), do_lower_case=True)
+    # transformers 5 takes the vocabulary as `vocab` (a path or a dict); `vocab_file` is ignored there.
+    tokenizer = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocabulary)}, do_lower_case=True)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def record_base(folder: Path, name: str = "tiny") -> str:
+    """Write ``conveyor-base.json`` into `folder` as `conveyor base-models push` records it; returns the
+    digest (what preprocessing passes a training job as ``base_model_digest``)."""
+    import json
+
+    from common import base_models as hub
+
+    folder = Path(folder)
+    info = hub.inspect(hub.FolderFiles(folder))
+    sizes = hub.FolderFiles(folder).sizes()
+    sizes.pop(hub.MANIFEST_NAME, None)
+    hashes = {n: (size, hub.file_sha256(lambda p=folder / n: [p.read_bytes()])) for n, size in sizes.items()}
+    manifest = hub.build_manifest(name, info, hashes)
+    (folder / hub.MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    return manifest["digest"]

@@ -26,9 +26,12 @@ _INTEGER = re.compile(r"^[+-]?\d+$")
 # The contract's tokeniser (docs/contracts.md, section 2): Unicode word characters of the lower-cased text.
 _TOKEN = re.compile(r"\w+")
 FEATURE_TYPES = ("numeric", "categorical", "text", "image")
-# How text features reach the network: counts of vocabulary tokens (the tabular recipe's MLP), or each
-# value's token ids in order (the text recipe's sequence encoder).
-TEXT_ENCODINGS = ("bag_of_words", "sequence")
+# How text features reach the network: counts of vocabulary tokens (the tabular recipe's MLP), each
+# value's token ids in order (the text recipe's sequence encoder), or every feature of a row written as one
+# text for a base model's own tokenizer (the pretrained recipe; `Encoder.row_texts`).
+TEXT_ENCODINGS = ("bag_of_words", "sequence", "pretrained")
+# The pretrained encoding's text of a row of several features: "name: value" joined by this.
+FIELD_SEPARATOR = " | "
 # Token ids of the sequence encoding: 0 pads a value to the sequence length, 1 is any token outside the
 # vocabulary, and the vocabulary's tokens follow from 2 in the manifest's order.
 PAD_ID, OTHER_ID, FIRST_TOKEN_ID = 0, 1, 2
@@ -249,6 +252,8 @@ class Encoder:
     - ``sequence``: the value's first `sequence_length` tokens as ids (`PAD_ID`, `OTHER_ID`,
       `FIRST_TOKEN_ID` onwards in vocabulary order), padded with `PAD_ID`; a missing value is all padding.
       These form a second input beside the other features' matrix (`encode_inputs`).
+    - ``pretrained``: every feature of a row, text or not, becomes one text (`row_texts`) that a base
+      model's tokenizer (`tokenizer`, attached by ``hf_text``) cuts to its first `sequence_length` tokens.
 
     An image dataset has one feature of type ``image``: its files are decoded to ``image_size`` squares of
     uint8 RGB (`images.decode_images`); the network normalises and augments them itself.
@@ -270,12 +275,14 @@ class Encoder:
             raise ValueError(f"task {task!r} is not one of {', '.join(TASKS)}")
         if text_encoding not in TEXT_ENCODINGS:
             raise ValueError(f"text_encoding {text_encoding!r} is not one of {', '.join(TEXT_ENCODINGS)}")
-        if text_encoding == "sequence" and sequence_length < 1:
+        if text_encoding != "bag_of_words" and sequence_length < 1:
             raise ValueError(
-                f"the sequence encoding needs a sequence_length of at least 1, not {sequence_length}"
+                f"the {text_encoding} encoding needs a sequence_length of at least 1, not {sequence_length}"
             )
         self.text_encoding = text_encoding
-        self.sequence_length = int(sequence_length) if text_encoding == "sequence" else 0
+        self.sequence_length = int(sequence_length) if text_encoding != "bag_of_words" else 0
+        # The pretrained encoding's tokenizer (a transformers tokenizer; `hf_text.load_tokenizer`).
+        self.tokenizer: Any = None
         self.task = task
         self.target = target
         self.features = [dict(f) for f in features]
@@ -419,7 +426,7 @@ class Encoder:
         else:
             config["target_scale"] = {"mean": self.target_mean, "std": self.target_std}
         config["features"] = self.features
-        if self.text_encoding == "sequence":
+        if self.text_encoding != "bag_of_words":
             config["text_encoding"] = self.text_encoding
             config["sequence_length"] = self.sequence_length
         return config
@@ -443,6 +450,8 @@ class Encoder:
     def width(self) -> int:
         """How many columns the matrix of `encode` has (text features encoded as sequences, and images, are
         not in it)."""
+        if self.text_encoding == "pretrained":
+            return 0  # every feature is in the row's text
         return sum(
             1 if f["type"] == "numeric" else len(slots) + 1
             for f, slots in zip(self.features, self._slots, strict=True)
@@ -452,6 +461,8 @@ class Encoder:
     @property
     def row_bytes(self) -> int:
         """Memory one encoded row takes: its float32 matrix row, its int32 token ids, its uint8 pixels."""
+        if self.text_encoding == "pretrained":
+            return 2 * 4 * self.sequence_length  # int32 token ids and attention mask
         pixels = 3 * self.image["image_size"] ** 2 if self.image else 0
         return 4 * (self.width + len(self.sequences) * self.sequence_length) + pixels
 
@@ -535,9 +546,50 @@ class Encoder:
 
             size = self.image["image_size"]
             return (decode_images(columns[self.image["name"]], size, list(entries) or None),)
+        if self.text_encoding == "pretrained":
+            return self.encode_texts(self.row_texts(columns, rows))
         if self.sequences:
             return self.encode(columns, rows), self.encode_sequences(columns, rows)
         return (self.encode(columns, rows),)
+
+    def row_texts(self, columns: Mapping[str, Sequence[Any]], rows: int) -> list[str]:
+        """Each row as the one text a base model reads (the pretrained encoding).
+
+        A single feature's value is the text itself; several are ``"name: value"`` joined by
+        `FIELD_SEPARATOR`, missing values left out. Numbers are written alike whether they came from a CSV
+        cell or a JSON request (``"42.50"`` and ``42.5`` are both ``42.5``).
+        """
+        names = self.feature_names
+        written = [
+            [_as_text(value, feature["type"]) for value in columns[feature["name"]]]
+            for feature in self.features
+        ]
+        if len(names) == 1:
+            return [value or "" for value in written[0]]
+        return [
+            FIELD_SEPARATOR.join(
+                f"{name}: {values[row]}" for name, values in zip(names, written, strict=True) if values[row]
+            )
+            for row in range(rows)
+        ]
+
+    def encode_texts(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Token ids and attention mask (int32, rows x the longest row's tokens, at most `sequence_length`)
+        from the attached tokenizer; right-padded, so a batch can be cut to its own longest row."""
+        if self.tokenizer is None:
+            raise ValueError(
+                "the pretrained encoding needs the base model's tokenizer (hf_text.load_tokenizer)"
+            )
+        encoded = self.tokenizer(
+            list(texts),
+            truncation=True,
+            max_length=self.sequence_length,
+            padding="longest",
+            return_attention_mask=True,
+            return_token_type_ids=False,
+            return_tensors="np",
+        )
+        return encoded["input_ids"].astype(np.int32), encoded["attention_mask"].astype(np.int32)
 
     def encode_instances(self, instances: Sequence[Any]) -> tuple[np.ndarray, ...]:
         """Check and encode request rows (contract section 4).
@@ -668,6 +720,16 @@ def _number(value: Any) -> float | None:
 def _number_or_nan(value: Any) -> float:
     number = None if is_missing(value) else _number(value)
     return math.nan if number is None else number
+
+
+def _as_text(value: Any, kind: str) -> str:
+    """A value as a row's text writes it ("" when missing)."""
+    if is_missing(value):
+        return ""
+    if kind == "numeric":
+        number = _number(value)
+        return "" if number is None else f"{number:.15g}"
+    return " ".join(str(value).split())
 
 
 def _category_key(value: Any) -> str:

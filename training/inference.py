@@ -82,10 +82,18 @@ def model_fn(model_dir: str) -> LoadedModel:
             f"this inference.py reads version {SUPPORTED_FORMAT_VERSION}"
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    network = build_model(config["architecture"])
-    network.load_state_dict(torch.load(directory / "model.pth", map_location=device, weights_only=True))
+    encoder = Encoder.from_config(config)
+    network: torch.nn.Module
+    if config["architecture"].get("name") == "hf_sequence_classifier":
+        from hf_text import load_classifier  # a fine-tuned base model: its weights are in hf/
+
+        network = load_classifier(directory, config["architecture"])
+        encoder.tokenizer = network.tokenizer
+    else:
+        network = build_model(config["architecture"])
+        network.load_state_dict(torch.load(directory / "model.pth", map_location=device, weights_only=True))
     network.to(device).eval()
-    _loaded = LoadedModel(network, Encoder.from_config(config), device, config.get("version"))
+    _loaded = LoadedModel(network, encoder, device, config.get("version"))
     return _loaded
 
 
@@ -151,11 +159,12 @@ def predict_fn(data: tuple[np.ndarray, ...] | np.ndarray, model: LoadedModel) ->
         JSON value: an integer or a string) or ``{"value": <number>}``.
     """
     inputs = [torch.as_tensor(a) for a in (data if isinstance(data, tuple) else (data,))]
+    chunk = int(getattr(model.network, "predict_batch_rows", PREDICT_BATCH_ROWS))
     with torch.inference_mode():
         outputs = torch.cat(
             [
-                model.network(*(x[i : i + PREDICT_BATCH_ROWS].to(model.device) for x in inputs)).float().cpu()
-                for i in range(0, len(inputs[0]), PREDICT_BATCH_ROWS)
+                model.network(*(x[i : i + chunk].to(model.device) for x in inputs)).float().cpu()
+                for i in range(0, len(inputs[0]), chunk)
             ]
         )
     encoder = model.encoder

@@ -16,54 +16,73 @@ defaults, so the same file runs in the AWS PyTorch training image and on a lapto
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
-import random
 import shutil
 import sys
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import distributed, nn
-from torch.nn import functional
-from torch.nn.parallel import DistributedDataParallel
 
+import recipes
 from checkpoint import Checkpoints, checkpoint_directory
-from data import SPLITS, DataError, Encoder, Split, is_missing, read_manifest, read_split, tokenize
+from data import SPLITS, DataError, Encoder, Split, read_manifest
+from loop import (
+    IMBALANCE_RATIO,
+    Classification,
+    ConfigurationError,
+    FitResult,
+    Objective,
+    Processes,
+    Regression,
+    autocast_dtype,
+    class_weights,
+    compiled,
+    fit,
+    fit_linear_path,
+    predict,
+    seed_everything,
+)
 from metrics import classification_evaluation, regression_evaluation
-from model import TabularMLP, TextBiLSTM
 from report import write_report
+
+# What tests and tools reach through this module, from the loop it runs.
+__all__ = [
+    "Classification",
+    "ConfigurationError",
+    "Regression",
+    "autocast_dtype",
+    "class_weights",
+    "compiled",
+    "fit",
+    "fit_linear_path",
+    "main",
+    "parse_args",
+    "predict",
+    "seed_everything",
+]
 
 log = logging.getLogger("train")
 HERE = Path(__file__).resolve().parent
 # What `code/` in model.tar.gz needs for the SageMaker PyTorch serving container to load the model.
-SERVING_FILES = ("inference.py", "model.py", "data.py", "images.py")
+SERVING_FILES = ("inference.py", "model.py", "data.py", "images.py", "hf_text.py")
 SERVING_REQUIREMENTS = (
     "# The AWS PyTorch inference image provides torch, numpy and Pillow (image models); inference.py needs\n"
     "# nothing else.\n"
 )
 CONFIG_FORMAT_VERSION = 1
-PREDICT_BATCH_ROWS = 65_536
 # At most this share of free memory goes to the encoded splits; the rest is for the model, batches, Python.
 MEMORY_SHARE = 0.5
 CHANNELS = (*SPLITS, "manifest")
-RECIPES = ("tabular", "text", "image")
-# class_weights=auto weighs classes (sqrt) from this imbalance on: a minority under 20% of a binary target,
-# which Google's ML guide calls moderate imbalance. Milder imbalance costs more accuracy to weigh than it gains.
-IMBALANCE_RATIO = 4.0
-# The linear path's fit: L-BFGS iterations at most (small problems converge in tens).
-LINEAR_MAX_ITERATIONS = 500
-# Default vocabulary per text feature: bag-of-words slots are dense inputs, embeddings rows are cheap.
-DEFAULT_VOCABULARY = {"tabular": 2_000, "text": 20_000}
+# The pretrained recipe's base model (conveyor-base.json and its files), when the spec names one.
+OPTIONAL_CHANNELS = ("base",)
+RECIPES = recipes.names()
 HYPERPARAMETERS = (
     "recipe",
     "epochs",
@@ -84,11 +103,16 @@ HYPERPARAMETERS = (
     "checkpoint_steps",
     "precision",
     "compile",
+    "lr_schedule",
+    "warmup_ratio",
+    "max_grad_norm",
+    "gradient_accumulation_steps",
+    "gradient_checkpointing",
+    "base_model",
+    "base_model_digest",
+    "adapter",
+    "max_length",
 )
-
-
-class ConfigurationError(ValueError):
-    """A missing channel or an unusable hyperparameter."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -142,7 +166,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         dest="output_data_dir",
         default=env.get("SM_OUTPUT_DATA_DIR", "output"),
     )
-    for channel in CHANNELS:
+    for channel in (*CHANNELS, *OPTIONAL_CHANNELS):
         parser.add_argument(
             f"--{channel}",
             default=env.get(f"SM_CHANNEL_{channel.upper()}"),
@@ -153,12 +177,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--recipe",
         default="auto",
         choices=("auto", *RECIPES),
-        help="tabular (an MLP; text as bags of words), text (a BiLSTM reads text in order) or image (a "
-        "CNN; image datasets only); auto: the manifest's recipe",
+        help="tabular (an MLP; text as bags of words), text (a BiLSTM reads text in order), image (a "
+        "CNN; image datasets only) or pretrained (fine-tunes base_model); auto: the manifest's recipe",
     )
-    hyper.add_argument("--epochs", type=int, default=60)
-    hyper.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=64)
-    hyper.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, default=1e-3)
+    # Defaults of None are the recipe's (recipes.DEFAULTS; the pretrained recipe's differ).
+    hyper.add_argument("--epochs", type=int, default=None)
+    hyper.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None)
+    hyper.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, default=None)
     hyper.add_argument(
         "--hidden-units",
         "--hidden_units",
@@ -178,7 +203,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "is kept only as far as it lowers validation loss",
     )
     hyper.add_argument("--dropout", type=float, default=0.1)
-    hyper.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=1e-4)
+    hyper.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=None)
     hyper.add_argument(
         "--class-weights",
         "--class_weights",
@@ -224,7 +249,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="image recipe: the side of the square each image is resized and cropped to, in pixels",
     )
     hyper.add_argument("--seed", type=int, default=7)
-    hyper.add_argument("--patience", type=int, default=8, help="epochs without a lower validation loss")
+    hyper.add_argument("--patience", type=int, default=None, help="epochs without a lower validation loss")
     hyper.add_argument(
         "--checkpoint-steps",
         "--checkpoint_steps",
@@ -242,17 +267,76 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     hyper.add_argument(
         "--compile",
-        default="auto",
+        default=None,
         choices=("auto", "true", "false"),
         help="torch.compile the network for the training steps; auto: on a GPU only (on a CPU the "
-        "compilation takes longer than small models train)",
+        "compilation takes longer than small models train); the pretrained recipe's default is false",
+    )
+    hyper.add_argument(
+        "--lr-schedule",
+        "--lr_schedule",
+        dest="lr_schedule",
+        default=None,
+        choices=("plateau", "linear"),
+        help="plateau: halve the learning rate when validation loss stalls (the small models' default); "
+        "linear: warm up over warmup_ratio of the steps, then decay to 0 (the pretrained recipe's)",
+    )
+    hyper.add_argument("--warmup-ratio", "--warmup_ratio", dest="warmup_ratio", type=float, default=None)
+    hyper.add_argument(
+        "--max-grad-norm",
+        "--max_grad_norm",
+        dest="max_grad_norm",
+        type=float,
+        default=None,
+        help="clip the gradients' norm to this before each step; 0: no clipping",
+    )
+    hyper.add_argument(
+        "--gradient-accumulation-steps",
+        "--gradient_accumulation_steps",
+        dest="gradient_accumulation_steps",
+        type=int,
+        default=1,
+        help="split each batch into this many micro-batches, one forward and backward pass each, and step "
+        "once: the same batch in less memory",
+    )
+    hyper.add_argument(
+        "--gradient-checkpointing",
+        "--gradient_checkpointing",
+        dest="gradient_checkpointing",
+        default="false",
+        choices=("true", "false"),
+        help="pretrained recipe: recompute activations in the backward pass instead of keeping them "
+        "(less memory, about a third more compute)",
+    )
+    base = parser.add_argument_group("the pretrained recipe (set by preprocessing from conveyor.json)")
+    base.add_argument("--base-model", "--base_model", dest="base_model", default=None)
+    base.add_argument(
+        "--base-model-digest",
+        "--base_model_digest",
+        dest="base_model_digest",
+        default=None,
+        help="the digest conveyor-base.json recorded; the base channel must match it",
+    )
+    base.add_argument("--adapter", default="full", choices=("full", "lora"))
+    base.add_argument(
+        "--max-length",
+        "--max_length",
+        dest="max_length",
+        type=int,
+        default=128,
+        help="tokens the base model reads per row, its first ones (at most its position embeddings)",
     )
     parser.set_defaults(**_defaults_from_sm_hps())
 
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         log.info("ignoring arguments this script does not use: %s", " ".join(unknown))
+    for name, value in recipes.defaults_for(args).items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
     missing = [c for c in CHANNELS if not getattr(args, c)]
+    if args.base_model and not args.base:
+        missing.append("base")
     if missing:
         raise ConfigurationError(
             "missing channel(s) "
@@ -276,6 +360,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "sequence_units": args.sequence_units >= 1,
         "image_size": 8 <= args.image_size <= 1024,
         "checkpoint_steps": args.checkpoint_steps >= 0,
+        "warmup_ratio": 0 <= args.warmup_ratio < 1,
+        "max_grad_norm": args.max_grad_norm >= 0,
+        "gradient_accumulation_steps": 1 <= args.gradient_accumulation_steps <= args.batch_size,
+        "max_length": 2 <= args.max_length <= 65_536,
     }
     bad = [f"{name}={getattr(args, name)}" for name, ok in checks.items() if not ok]
     if bad:
@@ -293,403 +381,30 @@ def _defaults_from_sm_hps() -> dict[str, str]:
     return {k: str(v) for k, v in hps.items() if k in HYPERPARAMETERS}
 
 
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (every device), so a rerun trains the same model."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.backends.cudnn.benchmark = False
-
-
-class Objective:
-    """What the training loop asks of a task: the loss to minimise and the validation report.
-
-    `l2` is the linear path's penalty, ``l2 * |W|^2 / rows`` added to the mean train loss: the defaults of
-    scikit-learn's LogisticRegression (C=1) and Ridge (alpha=1), written per row.
-    """
-
-    l2 = 0.0
-
-    def train_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    def validation_report(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        """``validation_loss`` (early stopping watches it) and the task's readable metric."""
-        raise NotImplementedError
-
-
-class Classification(Objective):
-    """Cross-entropy, with class weights against imbalance in training.
-
-    Validation loss is unweighted cross-entropy: the model that is kept is the one whose probabilities fit
-    best, and the gate judges plain accuracy against the majority class.
-    """
-
-    l2 = 0.5  # C * sum(loss) + |W|^2 / 2, divided by C * rows
-
-    def __init__(self, class_weights: torch.Tensor | None) -> None:
-        self.class_weights = class_weights
-
-    def train_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return functional.cross_entropy(outputs, targets, weight=self.class_weights)
-
-    def validation_report(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        return {
-            "validation_loss": functional.cross_entropy(outputs, targets).item(),
-            "validation_accuracy": (outputs.argmax(dim=1) == targets).float().mean().item(),
-        }
-
-
-class Regression(Objective):
-    """Mean squared error on the standardised target; RMSE reported in the target's units."""
-
-    l2 = 1.0  # sum(squared error) + alpha * |W|^2, divided by rows; on a standardised target, the same fit
-
-    def __init__(self, target_std: float) -> None:
-        self.target_std = target_std
-
-    def train_loss(self, outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return functional.mse_loss(outputs.squeeze(1), targets)
-
-    def validation_report(self, outputs: torch.Tensor, targets: torch.Tensor) -> dict[str, float]:
-        mse = functional.mse_loss(outputs.squeeze(1), targets).item()
-        return {"validation_loss": mse, "validation_rmse": math.sqrt(mse) * self.target_std}
-
-
-def class_weights(train_targets: np.ndarray, classes: int, scheme: str) -> np.ndarray | None:
-    """Per-class loss weights from train class counts, scaled so the average row weighs 1.
-
-    ``balanced`` weighs a class by its inverse frequency; ``sqrt`` by the square root of that, which
-    helps rare classes without trading away much accuracy; ``none`` gives None; ``auto`` is ``sqrt`` when
-    the most common class outnumbers the rarest present one more than `IMBALANCE_RATIO` to 1, else None.
-    """
-    counts = np.bincount(train_targets, minlength=classes).astype(np.float64)
-    if scheme == "auto":
-        present = counts[counts > 0]
-        scheme = "sqrt" if len(present) and present.max() > IMBALANCE_RATIO * present.min() else "none"
-    if scheme == "none":
-        return None
-    weights = len(train_targets) / (classes * np.maximum(counts, 1.0))
-    if scheme == "sqrt":
-        weights = np.sqrt(weights)
-    weights /= (weights * counts).sum() / max(1, len(train_targets))
-    return weights
-
-
-@dataclass(frozen=True)
-class Processes:
-    """This process's place among the training processes: one, or many under torchrun (SageMaker's
-    ``torch_distributed``, several GPUs and/or instances), which set RANK, WORLD_SIZE and LOCAL_RANK."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @classmethod
-    def from_env(cls) -> Processes:
-        env = os.environ
-        return cls(int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0)))
-
-    @property
-    def main(self) -> bool:
-        """The process that reports, checkpoints and saves the model."""
-        return self.rank == 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-
-@dataclass
-class FitResult:
-    """How training went: the epoch whose weights were kept, and the per-epoch history."""
-
-    best_epoch: int
-    best_validation_loss: float
-    epochs_run: int
-    seconds: float
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-def fit_linear_path(network: TabularMLP, objective: Objective, train: tuple[Inputs, torch.Tensor]) -> int:
-    """Fit the network's linear part on the whole train split before the MLP trains; returns L-BFGS's
-    iterations.
-
-    The linear part is fitted alone, full batch, to the minimum of the train loss plus `Objective.l2`'s
-    penalty on its weights: the model scikit-learn's LogisticRegression or Ridge fits by default. With
-    hidden layers the linear path then stays fixed and the MLP's output layer starts at zero, so training
-    starts from exactly the linear model and the MLP learns only what it misses (on small, noisy tables
-    that may be nothing: `fit` then keeps epoch 0). Without hidden layers the fitted layer is the network,
-    and training goes on from it.
-    """
-    inputs, targets = _as_tuple(train[0])[0], train[1]
-    layer = network.linear if network.linear is not None else network.output_layer
-    nn.init.zeros_(layer.weight)
-    nn.init.zeros_(layer.bias)
-    optimizer = torch.optim.LBFGS(
-        layer.parameters(),
-        lr=1.0,
-        max_iter=LINEAR_MAX_ITERATIONS,
-        tolerance_grad=1e-7,
-        tolerance_change=1e-10,
-        history_size=20,
-        line_search_fn="strong_wolfe",
-    )
-    rows = len(targets)
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        loss = (
-            objective.train_loss(layer(inputs), targets) + objective.l2 * layer.weight.square().sum() / rows
-        )
-        loss.backward()
-        return loss
-
-    optimizer.step(closure)  # type: ignore[no-untyped-call]
-    if network.linear is not None:
-        layer.requires_grad_(False)
-        nn.init.zeros_(network.output_layer.weight)
-        nn.init.zeros_(network.output_layer.bias)
-    return int(optimizer.state[layer.weight].get("n_iter", 0))
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The dtype the training steps autocast to (None: full float32), from the ``precision`` hyperparameter.
-
-    bfloat16 has float32's range, so unlike float16 it needs no gradient scaling; GPUs before Ampere
-    (V100, T4) lack it and train in float32.
+def choose_recipe(args: argparse.Namespace, manifest: dict[str, Any]) -> recipes.Recipe:
+    """The recipe to train: the hyperparameter's, else the manifest's (the pretrained recipe whenever a base
+    model is named). Also settles `args.recipe` and `args.max_vocabulary`.
 
     Raises
     ------
     ConfigurationError
-        For ``bf16`` on a GPU without bfloat16.
+        For a recipe that cannot train this dataset, or a manifest recipe this code lacks.
     """
-    if precision == "fp32":
-        return None
-    supported = device.type == "cpu" or (device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if precision == "bf16":
-        if not supported:
-            raise ConfigurationError(f"precision bf16: {device} does not support bfloat16; use fp32 or auto")
-        return torch.bfloat16
-    return torch.bfloat16 if device.type == "cuda" and supported else None
-
-
-def compiled(model: nn.Module, setting: str, device: torch.device) -> nn.Module:
-    """The model the training steps call: `torch.compile`'d per the ``compile`` hyperparameter.
-
-    Compilation errors fall back to eager execution (TorchDynamo's ``suppress_errors``): a model that cannot
-    be compiled still trains, only without the speed-up.
-    """
-    if setting == "false" or (setting == "auto" and device.type != "cuda"):
-        return model
-    import torch._dynamo  # only when compiling
-
-    torch._dynamo.config.suppress_errors = True
-    log.info("compiling the network with torch.compile")
-    return torch.compile(model)  # type: ignore[return-value]
-
-
-# What a network takes: one tensor, or several (its forward's arguments), each with a row per example.
-Inputs = torch.Tensor | tuple[torch.Tensor, ...]
-
-
-def _as_tuple(inputs: Inputs) -> tuple[torch.Tensor, ...]:
-    return inputs if isinstance(inputs, tuple) else (inputs,)
-
-
-def fit(
-    network: nn.Module,
-    objective: Objective,
-    train: tuple[Inputs, torch.Tensor],
-    validation: tuple[Inputs, torch.Tensor],
-    args: argparse.Namespace,
-    checkpoints: Checkpoints | None = None,
-    processes: Processes = Processes(),
-) -> FitResult:
-    """Mini-batch AdamW with early stopping on validation loss; leaves the best epoch's weights loaded
-    (epoch 0: the network as it started, when no epoch lowered validation loss).
-
-    Prints one line per epoch for SageMaker's metric definitions, e.g.
-    ``epoch=3 train_loss=0.4100 validation_loss=0.3900 validation_accuracy=0.8700``.
-
-    Every `args.checkpoint_steps` optimizer steps and at every epoch's end the whole state (weights,
-    optimizer, schedule, best epoch, position in the epoch's shuffled order, random state) goes to
-    `checkpoints`; a run that finds its checkpoint continues from it, and a single process then trains
-    exactly the model an uninterrupted run would have. Under torchrun each step's batch is split across the
-    processes and DistributedDataParallel averages their gradients: the same global batch as one process.
-    The training steps run under bfloat16 autocast and `torch.compile` when `args.precision` and
-    `args.compile` say so (by default on a GPU; see `autocast_dtype` and `compiled`); validation runs in
-    float32 on the uncompiled network.
-    """
-    x_train, y_train = _as_tuple(train[0]), train[1]
-    x_val, y_val = validation
-    device = y_train.device
-    model: nn.Module = network
-    if processes.distributed:
-        device_ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(network, device_ids=device_ids)
-    step_model = compiled(model, args.compile, device)
-    precision = autocast_dtype(args.precision, device)
-    trained = [p for p in network.parameters() if p.requires_grad]  # a fitted linear path stays as it is
-    optimizer = torch.optim.AdamW(trained, lr=args.learning_rate, weight_decay=args.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-        optimizer, factor=0.5, patience=max(1, args.patience // 3)
-    )
-    # Shuffling draws from its own generator, so the order does not depend on what else consumed randomness.
-    shuffler = torch.Generator().manual_seed(args.seed)
-    rows = len(y_train)
-    steps_per_epoch = math.ceil(rows / args.batch_size)
-    best = FitResult(best_epoch=0, best_validation_loss=math.inf, epochs_run=0, seconds=0.0)
-    best_state: dict[str, torch.Tensor] = {}
-    first_epoch, first_step, step_count, epoch_total = 1, 0, 0, 0.0
-    saved = checkpoints.load() if checkpoints is not None else None
-    if saved is not None:
-        network.load_state_dict(saved["network"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        best = FitResult(**saved["result"])
-        best_state = saved["best_state"]
-        shuffler.set_state(saved["shuffler"])
-        torch.set_rng_state(saved["torch_rng"])
-        first_epoch, first_step = saved["epoch"], saved["step"]
-        step_count, epoch_total = saved["step_count"], saved["epoch_total"]
-        log.info(
-            "resuming from the checkpoint: epoch %d, step %d of %d", first_epoch, first_step, steps_per_epoch
-        )
-    else:
-        # Where training starts is a candidate too: a network that starts as a fitted linear model (the
-        # tabular recipe's linear path) keeps it unless an epoch lowers validation loss.
-        start = objective.validation_report(predict(network, x_val), y_val)
-        best.history.append({"epoch": 0, **start})  # no train loss: nothing has trained yet
-        if math.isfinite(start["validation_loss"]):
-            best.best_validation_loss = start["validation_loss"]
-            best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-    started = time.monotonic() - best.seconds
-
-    def checkpoint(epoch: int, step: int, epoch_shuffler: torch.Tensor, total: float) -> None:
-        if checkpoints is None or not processes.main:
-            return
-        best.seconds = time.monotonic() - started
-        checkpoints.save(
-            {
-                "network": network.state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "result": dataclasses.asdict(best),
-                "best_state": best_state,
-                "shuffler": epoch_shuffler,
-                "torch_rng": torch.get_rng_state(),
-                "epoch": epoch,
-                "step": step,
-                "step_count": step_count,
-                "epoch_total": total,
-            }
-        )
-
-    stopped = False
-    for epoch in range(first_epoch, args.epochs + 1):
-        network.train()
-        epoch_shuffler = shuffler.get_state()
-        order = torch.randperm(rows, generator=shuffler).to(device)
-        total = epoch_total if epoch == first_epoch else 0.0
-        for step in range(first_step if epoch == first_epoch else 0, steps_per_epoch):
-            batch = order[step * args.batch_size : (step + 1) * args.batch_size]
-            if len(batch) < processes.world_size:  # too few rows to give every process one (same on all)
-                continue
-            shard = batch[processes.rank :: processes.world_size] if processes.distributed else batch
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
-                outputs = step_model(*(x[shard] for x in x_train))
-            loss = objective.train_loss(outputs.float(), y_train[shard])
-            if processes.distributed:
-                # Scaled so that DDP's average over processes is the mean over the whole batch.
-                (loss * (len(shard) * processes.world_size / len(batch))).backward()
-            else:
-                loss.backward()
-            optimizer.step()
-            total += loss.item() * len(shard)
-            step_count += 1
-            if checkpoints is not None and checkpoints.due(step_count) and step + 1 < steps_per_epoch:
-                checkpoint(epoch, step + 1, epoch_shuffler, total)
-        if processes.distributed:
-            summed = torch.tensor([total], dtype=torch.float64, device=device)
-            distributed.all_reduce(summed)
-            total = float(summed.item())
-        report = objective.validation_report(predict(network, x_val), y_val)
-        train_loss, val_loss = total / rows, report["validation_loss"]
-        if processes.main:
-            print(
-                f"epoch={epoch} train_loss={train_loss:.4f} "
-                + " ".join(f"{name}={value:.4f}" for name, value in report.items()),
-                flush=True,
-            )
-        best.history.append({"epoch": epoch, "train_loss": train_loss, **report})
-        best.epochs_run = epoch
-        if not math.isfinite(val_loss):
-            raise FloatingPointError(
-                f"validation loss is {val_loss} at epoch {epoch}: try a lower learning_rate"
-            )
-        scheduler.step(val_loss)
-        if val_loss < best.best_validation_loss - 1e-6:
-            best.best_epoch, best.best_validation_loss = epoch, val_loss
-            best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-        elif epoch - best.best_epoch >= args.patience:
-            log.info(
-                "stopping early at epoch %d: no lower validation loss for %d epochs (lowest %.4f, epoch %d)",
-                epoch,
-                args.patience,
-                best.best_validation_loss,
-                best.best_epoch,
-            )
-            stopped = True
-        # The next epoch starts from here: its shuffled order comes from the shuffler's state now.
-        checkpoint(epoch + 1, 0, shuffler.get_state(), 0.0)
-        if stopped:
-            break
-    network.load_state_dict(best_state)
-    network.eval()
-    best.seconds = time.monotonic() - started
-    return best
-
-
-def predict(network: nn.Module, inputs: Inputs) -> torch.Tensor:
-    """The network's outputs in evaluation mode, in chunks so a large split fits in memory."""
-    tensors = _as_tuple(inputs)
-    network.eval()
-    with torch.inference_mode():
-        chunks = [
-            network(*(x[i : i + PREDICT_BATCH_ROWS] for x in tensors))
-            for i in range(0, len(tensors[0]), PREDICT_BATCH_ROWS)
-        ]
-    return torch.cat(chunks).float()
-
-
-def choose_recipe(args: argparse.Namespace, manifest: dict[str, Any]) -> str:
-    """The recipe to train: the hyperparameter's, else the manifest's. Also settles `args.max_vocabulary`.
-
-    Raises
-    ------
-    ConfigurationError
-        For the text recipe on a dataset without a text feature, or a manifest recipe this code lacks.
-    """
-    recipe = manifest.get("recipe", "tabular") if args.recipe == "auto" else args.recipe
-    if recipe not in RECIPES:
+    name = manifest.get("recipe", "tabular") if args.recipe == "auto" else args.recipe
+    if args.base_model:
+        name = "pretrained"
+    elif name == "pretrained":
         raise ConfigurationError(
-            f"the manifest asks for the {recipe!r} recipe; this training code has {', '.join(RECIPES)}"
+            "the pretrained recipe fine-tunes a base model, and none is named: set base_model in conveyor.json"
         )
+    recipe = recipes.get(name)
     types = {c.get("type") for c in manifest["columns"] if c.get("role") == "feature"}
-    if recipe == "text" and "text" not in types:
-        raise ConfigurationError(
-            "the text recipe reads text features, and this dataset has none: use recipe tabular"
-        )
-    if (recipe == "image") != ("image" in types):
-        raise ConfigurationError(
-            f"the {recipe} recipe cannot train on this dataset: the image recipe is for datasets of images "
-            "(a zip of class folders), and only for them"
-        )
+    reason = recipe.unsuitable(types)
+    if reason:
+        raise ConfigurationError(reason)
     if args.max_vocabulary is None:
-        args.max_vocabulary = DEFAULT_VOCABULARY.get(recipe)
-    args.recipe = recipe
+        args.max_vocabulary = recipes.DEFAULT_VOCABULARY.get(name)
+    args.recipe = name
     return recipe
 
 
@@ -698,49 +413,8 @@ def load_splits(args: argparse.Namespace) -> tuple[dict[str, Any], Encoder, dict
     (rows without a target dropped)."""
     manifest = read_manifest(args.manifest)
     recipe = choose_recipe(args, manifest)
-    target = manifest["target"]
-    if recipe == "image":
-        from images import read_image_split  # only image datasets need Pillow
-
-        splits = {}
-        for name in SPLITS:
-            images = read_image_split(getattr(args, name), name)
-            feature = next(c["name"] for c in manifest["columns"] if c.get("role") == "feature")
-            columns = {feature: images.images, target: images.labels}
-            splits[name] = Split(name, columns, images.rows, images.entries)
-        return manifest, Encoder.from_manifest(manifest, image_size=args.image_size), splits
-    features = [c["name"] for c in manifest["columns"] if c.get("role") == "feature"]
-    splits = {}
-    for name in SPLITS:
-        split = read_split(getattr(args, name), name, [*features, target], manifest.get("delimiter", ","))
-        dropped = split.drop_missing(target)
-        if dropped:
-            log.warning("%s split: dropped %d rows without a target", name, dropped)
-        if split.rows == 0:
-            raise DataError(f"{name} split is empty: no row has a target")
-        splits[name] = split
-    sequence_length = 0
-    if recipe == "text":
-        # As long as the longest train value (in tokens), up to the hyperparameter.
-        longest = max(
-            (
-                len(tokenize(value))
-                for column in manifest["columns"]
-                if column.get("role") == "feature" and column.get("type") == "text"
-                for value in splits["train"].columns[column["name"]]
-                if not is_missing(value)
-            ),
-            default=1,
-        )
-        sequence_length = max(1, min(args.max_sequence_length, longest))
-    encoder = Encoder.from_manifest(
-        manifest,
-        train_target=splits["train"].columns[target],
-        max_vocabulary=args.max_vocabulary,
-        text_encoding="sequence" if recipe == "text" else "bag_of_words",
-        sequence_length=sequence_length,
-    )
-    return manifest, encoder, splits
+    splits = recipe.read_splits(args, manifest)
+    return manifest, recipe.encoder(args, manifest, splits), splits
 
 
 def check_memory(
@@ -875,17 +549,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
     else:
         objective = Regression(encoder.target_std)
-    linear_path: dict[str, Any] | None = None
-    if isinstance(network, TabularMLP) and args.linear_path == "true":
-        started = time.monotonic()
-        iterations = fit_linear_path(network, objective, tensors["train"])
-        linear_path = {"iterations": iterations, "seconds": round(time.monotonic() - started, 3)}
-        log.info(
-            "linear path: fitted in %d L-BFGS iteration(s), %.1f s; %s",
-            iterations,
-            linear_path["seconds"],
-            "the MLP trains on top of it" if network.linear is not None else "training goes on from it",
-        )
+    prepare = recipes.get(args.recipe).prepare
+    linear_path = prepare(args, network, objective, tensors["train"]) if prepare else None
     checkpoints = Checkpoints(
         checkpoint_directory(),
         {
@@ -944,26 +609,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 def build_network(
     args: argparse.Namespace, encoder: Encoder, train_inputs: tuple[torch.Tensor, ...]
 ) -> nn.Module:
-    """The recipe's network for the encoder's inputs and outputs, freshly initialised (an image network
-    with the train images' channel statistics, which it normalises by)."""
-    if encoder.image:
-        from images import ImageCNN, channel_statistics
-
-        mean, std = channel_statistics(train_inputs[0].cpu().numpy())
-        return ImageCNN(encoder.output_width, encoder.image["image_size"], mean, std, dropout=args.dropout)
-    if encoder.sequences:
-        return TextBiLSTM(
-            encoder.width,
-            encoder.output_width,
-            [len(f["vocabulary"]) for f in encoder.sequences],
-            embedding_dim=args.embedding_dim,
-            sequence_units=args.sequence_units,
-            hidden_units=args.hidden_units,
-            dropout=args.dropout,
-        )
-    return TabularMLP(
-        encoder.width, encoder.output_width, args.hidden_units, args.dropout, args.linear_path == "true"
-    )
+    """The recipe's network for the encoder's inputs and outputs (`recipes.Recipe.network`)."""
+    return recipes.get(args.recipe).network(args, encoder, train_inputs)
 
 
 def code_version(directory: Path = HERE) -> str:
@@ -1010,7 +657,11 @@ def save(
     code = model_dir / "code"
     code.mkdir(parents=True, exist_ok=True)
     output_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, model_dir / "model.pth")
+    save_weights = getattr(network, "save_weights", None)
+    if save_weights is not None:  # a pretrained model saves itself in its library's format
+        save_weights(model_dir)
+    else:
+        torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, model_dir / "model.pth")
     config = {
         "format_version": CONFIG_FORMAT_VERSION,
         "dataset": manifest.get("dataset"),
@@ -1029,7 +680,7 @@ def save(
         log.exception("the HTML report could not be written; evaluation.json has every figure")
     for name in SERVING_FILES:
         shutil.copy2(HERE / name, code / name)
-    (code / "requirements.txt").write_text(SERVING_REQUIREMENTS)
+    (code / "requirements.txt").write_text(getattr(network, "serving_requirements", SERVING_REQUIREMENTS))
     log.info("saved the model to %s and the evaluation to %s", model_dir, output_dir)
 
 

@@ -26,7 +26,19 @@ from samples import SHAPES, image_suffix, negation_rows, shape_image
 ROOT = Path(__file__).resolve().parents[2]
 TRAINING = ROOT / "training"
 # Top-level names the training code imports itself by (as in /opt/ml/code and /opt/ml/model/code).
-TRAINING_MODULES = ("data", "model", "metrics", "inference", "train")
+TRAINING_MODULES = (
+    "data",
+    "model",
+    "metrics",
+    "inference",
+    "train",
+    "loop",
+    "recipes",
+    "hf_text",
+    "checkpoint",
+    "report",
+    "images",
+)
 EPOCH_LINE = re.compile(
     r"^epoch=\d+ train_loss=[-+0-9.eE]+ validation_loss=[-+0-9.eE]+ validation_(accuracy|rmse)="
 )
