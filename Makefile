@@ -26,7 +26,7 @@ LOCALSTACK_VENV  := .tools/localstack
 LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed
 PY313 := $(shell ls -d $$HOME/.pyenv/versions/3.13*/bin/python3.13 2>/dev/null | tail -1 | grep . || command -v python3.13)
 
-.PHONY: demo test test-unit test-fuzz test-faults test-localstack lint lint-infra install clean bench-preprocess bench-quality bench-train bench-lambda bench-e2e bench-load bench
+.PHONY: demo test test-unit test-fuzz test-faults test-localstack lint lint-infra install clean bench-preprocess bench-quality bench-train bench-lambda bench-e2e bench-load bench-pretrained bench
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: conveyor needs Python 3.11+" >&2; exit 1; }
@@ -144,6 +144,13 @@ bench-e2e: $(STAMP)
 # (tests/integration/test_load.py).
 bench-load: $(STAMP)
 	$(BIN)/python benchmarks/load.py $(BENCH_ARGS)
+
+# Issue 17's figures: all-MiniLM-L6-v2 fine-tuned by conveyor (full and LoRA) vs the BiLSTM and bag-of-words
+# recipes on the UCI Drug Review subset, fine-tuning vs a bare transformers loop, serving vs a transformers
+# pipeline, LoRA's memory vs full (about 10 minutes on a 2-core CPU; downloads two wheels, 84 MB, into
+# .bench-cache/ the first time). Results: benchmarks/results/pretrained.{json,md}.
+bench-pretrained: $(STAMP)
+	$(BIN)/python benchmarks/pretrained.py $(BENCH_ARGS)
 
 # Every benchmark, then the README's "Measured" tables regenerated from the results (benchmarks/readme_tables.py),
 # in about 13 minutes on a 2-core machine (measured: 11 minutes before bench-load joined, which adds about 2; a

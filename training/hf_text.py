@@ -115,8 +115,15 @@ def _sha256(path: Path) -> str:
 
 def _quiet() -> None:
     # A job's log is a file: transformers' per-file progress bars only clutter it.
-    from transformers.utils import logging as transformers_logging
-
+    try:
+        from transformers.utils import logging as transformers_logging
+    except ImportError:
+        # A DataError's message is the job's failure reason as it is (this file also serves: no loop.py).
+        raise DataError(
+            "the pretrained recipe needs transformers, tokenizers and safetensors (and peft for LoRA), and "
+            "this training image has none: train in an image that has them (the Hugging Face PyTorch "
+            "training image), or add them to training/requirements.txt so the sourcedir's wheelhouse brings them"
+        ) from None
     transformers_logging.disable_progress_bar()
 
 
@@ -133,6 +140,7 @@ def load_tokenizer(directory: str | Path) -> Any:
 def build_encoder(args: argparse.Namespace, manifest: dict[str, Any], splits: dict[str, Split]) -> Encoder:
     """The pretrained encoding of the dataset, with the base's tokenizer; `args.max_length` is settled to
     what the base can read (its position embeddings)."""
+    _quiet()
     from transformers import AutoConfig
 
     digest = verify_base(args.base, args.base_model_digest)

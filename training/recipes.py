@@ -68,6 +68,9 @@ class Recipe:
     prepare
         Runs before the training loop on the network, the objective and the train tensors; what it returns
         is recorded in the evaluation (the tabular recipe's linear path).
+    single_thread
+        Train with one torch thread on a CPU: the small models' batches are too small for intra-op threads
+        to pay off; a Transformer's matrix products are not.
     """
 
     name: str
@@ -77,6 +80,7 @@ class Recipe:
     network: Callable[[argparse.Namespace, Encoder, tuple[torch.Tensor, ...]], nn.Module]
     defaults: Callable[[argparse.Namespace], Mapping[str, Any]] = lambda args: {}
     prepare: Callable[..., dict[str, Any] | None] | None = None
+    single_thread: bool = True
 
 
 _REGISTRY: dict[str, Recipe] = {}
@@ -335,5 +339,6 @@ register(
         encoder=_pretrained_encoder,
         network=_pretrained_network,
         defaults=_pretrained_defaults,
+        single_thread=False,
     )
 )

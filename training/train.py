@@ -499,11 +499,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         device = torch.device("cpu")
     if processes.distributed and not distributed.is_initialized():
         distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if device.type == "cpu":
-        # A tabular MLP's mini-batches are too small for intra-op threads to pay off: syncing them costs
+    manifest, encoder, splits = load_splits(args)
+    if device.type == "cpu" and recipes.get(args.recipe).single_thread:
+        # A small model's mini-batches are too small for intra-op threads to pay off: syncing them costs
         # more than it saves, and on a busy machine spinning OpenMP workers make a step ~50x slower.
         torch.set_num_threads(1)
-    manifest, encoder, splits = load_splits(args)
     check_memory(encoder, splits, device, args)
     tensors = {}
     for name, split in splits.items():

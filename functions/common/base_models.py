@@ -461,6 +461,17 @@ def training_bytes(parameters: int, adapter: str) -> int:
     return parameters * FULL_BYTES_PER_PARAMETER
 
 
+def instance_for(parameters: int, adapter: str, default: str | None) -> str | None:
+    """The training instance for a base when the spec names none: the stack's `default` when fine-tuning
+    fits one of its devices (or its memory is unknown), else the smallest single-GPU instance that holds
+    it; `default` again when none does (`estimate_fit` then refuses, saying to choose a smaller base)."""
+    needed = training_bytes(parameters, adapter) / 2**30
+    known = instance_memory(default)
+    if known is None or needed <= known[0] * USABLE_SHARE:
+        return default
+    return next((name for name, gib in _ONE_DEVICE_SUGGESTIONS if needed <= gib * USABLE_SHARE), default)
+
+
 def estimate_fit(
     parameters: int,
     instance_type: str | None,

@@ -369,19 +369,37 @@ def _base_model(
     if spec.base_model is None:
         return {"index": 0, "uri": ""}, None
     refusal = {"index": 0, "uri": "", "name": spec.base_model}
+    named = bool(spec.training.get("instance_type"))
     try:
         bucket, prefix = base_models.locate(spec.base_model, settings.require("artifacts_bucket"))
         kind = "image" if manifest.get("format") == "zip" or manifest.get("recipe") == "image" else "text"
         info = base_models.inspect(
             base_models.S3Files(aws.client("s3"), bucket, prefix),
             task_kind=kind,
-            instance_type=resources["instance_type"],
+            # An instance the spec names bounds the model; else the instance is chosen to fit it (below).
+            instance_type=resources["instance_type"] if named else None,
             adapter=spec.adapter,
+        )
+        if not named:
+            chosen = base_models.instance_for(info.parameters, spec.adapter, resources["instance_type"])
+            if chosen and chosen != resources["instance_type"]:
+                logger.info(
+                    "training instance chosen for the base model",
+                    extra={
+                        "base_model": spec.base_model,
+                        "default": resources["instance_type"],
+                        "chosen": chosen,
+                    },
+                )
+                resources.update(training_resources({**spec.training, "instance_type": chosen}, settings))
+        fit = base_models.estimate_fit(
+            info.parameters, resources["instance_type"], spec.adapter, info.location
         )
     except base_models.BaseModelRefused as refused:
         logger.warning("base model refused", extra={"base_model": spec.base_model, "reason": refused.reason})
         return refusal, refused
-    fit = base_models.estimate_fit(info.parameters, resources["instance_type"], spec.adapter, info.location)
+    fit["instance_type"] = resources["instance_type"]
+    fit["instance_chosen"] = not named and resources["instance_type"] != settings.training_instance_type
     return {
         "index": 1,
         "uri": f"s3://{bucket}/{prefix}",

@@ -241,3 +241,35 @@ def test_the_execution_input_carries_the_base_channel_or_the_refusal(target, tin
     )
     plain = app._execution_input(manifest, DatasetSpec(), settings)
     assert plain["training"]["base"] == {"index": 0, "uri": ""} and "refused" not in plain
+
+
+def test_the_instance_is_chosen_to_fit_the_base_when_the_spec_names_none(target, tiny_bert, monkeypatch):
+    from conveyor import base_models
+
+    assert hub.instance_for(110_000_000, "full", "ml.g5.xlarge") == "ml.g5.xlarge"  # BERT-base fits 24 GiB
+    assert hub.instance_for(1_300_000_000, "full", "ml.g5.xlarge") == "ml.g6e.xlarge"  # 19 GiB: 48 GiB
+    assert hub.instance_for(1_300_000_000, "lora", "ml.g5.xlarge") == "ml.g5.xlarge"  # LoRA's share fits
+    assert hub.instance_for(70_000_000_000, "full", "ml.g5.xlarge") == "ml.g5.xlarge"  # none holds it
+    assert hub.instance_for(10**9, "full", "ml.unknown.type") == "ml.unknown.type"
+
+    base_models.push(target, tiny_bert, "tiny-bert")
+    # The tiny encoder as if each parameter took 10 MB to fine-tune: tens of GiB.
+    monkeypatch.setattr(hub, "FULL_BYTES_PER_PARAMETER", 10_000_000)
+    settings = Settings(
+        artifacts_bucket=BUCKET,
+        processed_bucket="processed",
+        training_use_spot="false",
+        training_instance_type="ml.g5.xlarge",
+    )
+    manifest = {"dataset": "tickets", "version": "v1", "source": {}, "task": "classification", "target": "y"}
+    chosen = app._execution_input(manifest, DatasetSpec(base_model="tiny-bert"), settings)
+    resources, memory = chosen["training"]["resources"], chosen["training"]["base"]["memory"]
+    assert resources["instance_type"] in ("ml.g6e.xlarge", "ml.p4de.24xlarge", "ml.p5e.48xlarge")
+    assert memory["instance_chosen"] is True and memory["instance_type"] == resources["instance_type"]
+    assert "refused" not in chosen
+    # An instance the spec names is kept, and a base too big for it is refused saying what fits.
+    named = app._execution_input(
+        manifest, DatasetSpec(base_model="tiny-bert", training={"instance_type": "ml.g5.xlarge"}), settings
+    )
+    assert named["training"]["resources"]["instance_type"] == "ml.g5.xlarge"
+    assert "choose a training instance with more memory" in named["refused"]["Cause"]

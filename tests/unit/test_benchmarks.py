@@ -128,6 +128,24 @@ def test_quick_quality_run_compares_conveyor_with_the_linear_baseline(tmp_path):
 
 
 @pytest.mark.timeout(180)
+def test_quick_pretrained_benchmark_trains_every_model_and_measures_each_figure(tmp_path):
+    pytest.importorskip("transformers")
+    report = run_quick("pretrained", tmp_path / "results", "torch")
+    assert set(report["quality"]) == {
+        "fine-tuned (full)",
+        "fine-tuned (LoRA)",
+        "BiLSTM (text recipe)",
+        "bag of words (tabular recipe)",
+    }
+    assert all(run["peak_rss_mib"] > 0 for run in report["quality"].values())
+    for figure in (report["training"], report["serving"]):
+        assert figure["ratio"] > 0 and figure["met"] == (figure["ratio"] >= figure["goal"])
+    # The artefact's handlers and the pipeline ran the same model: they give the same labels.
+    assert report["serving"]["same_labels"] >= 0.9
+    assert "| fine-tuned (LoRA) |" in (tmp_path / "results" / "pretrained.md").read_text()
+
+
+@pytest.mark.timeout(180)
 def test_quick_training_benchmark_measures_each_figure_against_its_baseline(tmp_path):
     output = tmp_path / "results"
     report = run_quick("train", output, "flask", "torch")
