@@ -23,12 +23,15 @@ import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from data import DataError, Encoder, Split
+from data import DataError, Encoder
+
+if TYPE_CHECKING:  # splits.py is training-only; this file also serves
+    from splits import Split
 
 # Jobs and servers read base models from disk only: never reach for a hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

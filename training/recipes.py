@@ -23,9 +23,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from data import SPLITS, DataError, Encoder, Split, is_missing, read_split, tokenize
+from data import SPLITS, DataError, Encoder, is_missing, tokenize
 from loop import ConfigurationError, Objective, fit_linear_path
 from model import TabularMLP, TextBiLSTM
+from splits import Split, read_split
 
 log = logging.getLogger("train")
 

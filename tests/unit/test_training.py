@@ -38,6 +38,8 @@ TRAINING_MODULES = (
     "checkpoint",
     "report",
     "images",
+    "splits",
+    "arguments",
 )
 EPOCH_LINE = re.compile(
     r"^epoch=\d+ train_loss=[-+0-9.eE]+ validation_loss=[-+0-9.eE]+ validation_(accuracy|rmse)="
@@ -844,13 +846,13 @@ def test_bag_of_words_equals_counting_tokens_one_by_one(training_modules):
 
 
 def test_a_text_manifest_is_read_and_its_vocabulary_capped(tmp_path, training_modules):
-    data = training_modules("data")
+    data, splits = training_modules("data"), training_modules("splits")
     rows = review_rows(200, random.Random(8))
     manifest = manifest_for(
         rows, "classification", "sentiment", {"review": "text"}, labels=["negative", "positive"]
     )
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
-    encoder = data.Encoder.from_manifest(data.read_manifest(tmp_path), max_vocabulary=5)
+    encoder = data.Encoder.from_manifest(splits.read_manifest(tmp_path), max_vocabulary=5)
     assert encoder.features == [
         {"name": "review", "type": "text", "vocabulary": manifest["columns"][0]["stats"]["vocabulary"][:5]}
     ]
@@ -858,11 +860,11 @@ def test_a_text_manifest_is_read_and_its_vocabulary_capped(tmp_path, training_mo
     del manifest["columns"][0]["stats"]["vocabulary"]
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(data.DataError, match=r"feature 'review' needs .* text \(stats vocabulary"):
-        data.read_manifest(tmp_path)
+        splits.read_manifest(tmp_path)
 
 
 def test_a_vocabulary_too_big_for_memory_fails_naming_the_hyperparameter(monkeypatch, training_modules):
-    data, train = training_modules("data"), training_modules("train")
+    data, train, splits = training_modules("data"), training_modules("train"), training_modules("splits")
     encoder = data.Encoder(
         task="regression",
         target="y",
@@ -871,16 +873,16 @@ def test_a_vocabulary_too_big_for_memory_fails_naming_the_hyperparameter(monkeyp
             {"name": "t", "type": "text", "vocabulary": [f"w{i}" for i in range(1000)]},
         ],
     )
-    splits = {name: data.Split(name, rows=5000) for name in ("train", "validation", "test")}
+    split_of = {name: splits.Split(name, rows=5000) for name in ("train", "validation", "test")}
     device = train.torch.device("cpu")
     monkeypatch.setattr(train, "available_memory", lambda device: 20 * 2**20)
     # 10 MiB for the splits: 10 * 2**20 / 4 bytes / 15,000 rows = 174 inputs, less 2 for `x` and "other".
     with pytest.raises(
         train.ConfigurationError, match=r"lower the hyperparameter max_vocabulary \(now 1000\) to at most 172"
     ):
-        train.check_memory(encoder, splits, device, SimpleNamespace(max_vocabulary=1000))
+        train.check_memory(encoder, split_of, device, SimpleNamespace(max_vocabulary=1000))
     monkeypatch.setattr(train, "available_memory", lambda device: 2**30)
-    train.check_memory(encoder, splits, device, SimpleNamespace(max_vocabulary=1000))
+    train.check_memory(encoder, split_of, device, SimpleNamespace(max_vocabulary=1000))
     with pytest.raises(ValueError, match="max_vocabulary=0"):
         train.parse_args(["--max_vocabulary", "0", *(f"--{c}=/d" for c in train.CHANNELS)])
 
