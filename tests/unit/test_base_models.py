@@ -160,13 +160,18 @@ def test_the_model_type_tables_are_transformers_own():
 
 @pytest.fixture
 def target(monkeypatch):
+    from common import aws
     from conveyor.client import Target
 
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    # The preprocess function's clients are cached: one an earlier test made may point at its own server.
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    aws.reset_clients()
     with mock_aws():
         session = boto3.session.Session(region_name="us-east-1")
         session.client("s3").create_bucket(Bucket=BUCKET)
         yield Target({"ArtifactsBucketName": BUCKET}, session)
+    aws.reset_clients()
 
 
 def test_push_uploads_the_files_and_a_hash_manifest_and_never_overwrites(target, tiny_bert, tmp_path):
