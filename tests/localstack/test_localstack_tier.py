@@ -133,6 +133,8 @@ def execution_input(stack: Stack, dataset: str, version: str, **extra: Any) -> d
             "resources": training_resources(
                 {}, Settings.from_env(stack.function_environment("PreprocessFunction"))
             ),
+            # No base model: the job's channels without the `base` one (TrainingJobEncryption's first variant).
+            "base": {"index": 0, "uri": ""},
         },
         "gate": {"metric": "accuracy", "threshold": None, "margin": 0.0},
         **extra,
@@ -165,7 +167,10 @@ PROCESSING_BLOCK = {
 def task_failure(sfn: Any, execution_arn: str) -> dict:
     """The error and cause of the first Task that failed in an execution."""
     events = sfn.get_execution_history(executionArn=execution_arn, maxResults=1000)["events"]
-    return next(e["taskFailedEventDetails"] for e in events if e["type"] == "TaskFailed")
+    failed = [e["taskFailedEventDetails"] for e in events if e["type"] == "TaskFailed"]
+    # No Task failed: the execution stopped before one ran (a States.Runtime error in a Pass or Choice, say).
+    assert failed, f"no Task failed; the execution ended with {events[-1]['type']}: {events[-1]}"
+    return failed[0]
 
 
 def wait_for(sfn: Any, execution_arn: str, timeout: float = 120) -> dict:
