@@ -49,9 +49,15 @@ WORDS = [
 
 
 def save_tiny_encoder(
-    folder: Path, family: str = "bert", words: Iterable[str] = WORDS, hidden: int = 16, layers: int = 2
+    folder: Path,
+    family: str = "bert",
+    words: Iterable[str] = WORDS,
+    hidden: int = 16,
+    layers: int = 2,
+    dropout: float = 0.1,
 ) -> Path:
-    """Save a tiny `family` ("bert" or "distilbert") encoder and its tokenizer to `folder`; returns it."""
+    """Save a tiny `family` ("bert" or "distilbert") encoder and its tokenizer to `folder`; returns it.
+    (`dropout` 0: training is deterministic whatever the processes draw, so runs can be compared.)"""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast, DistilBertConfig, DistilBertModel
 
@@ -68,12 +74,14 @@ def save_tiny_encoder(
             num_attention_heads=2,
             intermediate_size=2 * hidden,
             max_position_embeddings=64,
+            hidden_dropout_prob=dropout,
+            attention_probs_dropout_prob=dropout,
         )
         model = BertModel(config)
     elif family == "distilbert":
         config = DistilBertConfig(
             vocab_size=len(vocabulary), dim=hidden, n_layers=layers, n_heads=2, hidden_dim=2 * hidden,
-            max_position_embeddings=64,
+            max_position_embeddings=64, dropout=dropout, attention_dropout=dropout, seq_classif_dropout=dropout,
         )  # fmt: skip
         model = DistilBertModel(config)
     else:

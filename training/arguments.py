@@ -51,6 +51,7 @@ HYPERPARAMETERS = (
     "max_grad_norm",
     "gradient_accumulation_steps",
     "gradient_checkpointing",
+    "sharding",
     "base_model",
     "base_model_digest",
     "adapter",
@@ -250,6 +251,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         choices=("true", "false"),
         help="pretrained recipe: recompute activations in the backward pass instead of keeping them "
         "(less memory, about a third more compute)",
+    )
+    hyper.add_argument(
+        "--sharding",
+        default="auto",
+        choices=("auto", "none", "fsdp"),
+        help="with several training processes: fsdp shards the weights, gradients and optimiser state over "
+        "them (PyTorch FSDP2) instead of each holding the whole model; auto: fsdp on GPUs when the model does "
+        "not fit one device's memory",
     )
     base = parser.add_argument_group("the pretrained recipe (set by preprocessing from conveyor.json)")
     base.add_argument("--base-model", "--base_model", dest="base_model", default=None)

@@ -16,7 +16,6 @@ import math
 import os
 import random
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +23,8 @@ import numpy as np
 import torch
 from torch import distributed, nn
 from torch.nn import functional
-from torch.nn.parallel import DistributedDataParallel
 
+import parallel
 from checkpoint import Checkpoints
 from model import TabularMLP
 
@@ -158,6 +157,7 @@ class FitResult:
     epochs_run: int
     seconds: float
     history: list[dict[str, float]] = field(default_factory=list)
+    sharded: bool = False  # the processes trained shards of the network (FSDP): see `parallel`
 
 
 def fit_linear_path(network: TabularMLP, objective: Objective, train: tuple[Inputs, torch.Tensor]) -> int:
@@ -254,6 +254,7 @@ def fit(
     args: argparse.Namespace,
     checkpoints: Checkpoints | None = None,
     processes: Processes = Processes(),
+    shares: parallel.Parallel | None = None,
 ) -> FitResult:
     """Mini-batch AdamW with early stopping on validation loss; leaves the best epoch's weights loaded
     (epoch 0: the network as it started, when no epoch lowered validation loss).
@@ -265,7 +266,9 @@ def fit(
     optimizer, schedule, best epoch, position in the epoch's shuffled order, random state) goes to
     `checkpoints`; a run that finds its checkpoint continues from it, and a single process then trains
     exactly the model an uninterrupted run would have. Under torchrun each step's batch is split across the
-    processes and DistributedDataParallel averages their gradients: the same global batch as one process.
+    processes and DistributedDataParallel averages their gradients: the same global batch as one process;
+    with ``args.sharding`` fsdp (or auto, for a model too big for one GPU) each process holds a shard of the
+    model instead (`parallel.FullySharded`), and the checkpoint is sharded too.
     The training steps run under bfloat16 autocast and `torch.compile` when `args.precision` and
     `args.compile` say so (by default on a GPU; see `autocast_dtype` and `compiled`); validation runs in
     float32 on the uncompiled network.
@@ -273,10 +276,11 @@ def fit(
     x_train, y_train = _as_tuple(train[0]), train[1]
     x_val, y_val = validation
     device = y_train.device
-    model: nn.Module = network
-    if processes.distributed:
-        device_ids = [device.index] if device.type == "cuda" else None
-        model = DistributedDataParallel(network, device_ids=device_ids)
+    if shares is None:
+        shares = parallel.choose(
+            getattr(args, "sharding", "auto"), network, processes.rank, processes.world_size, device
+        )
+    model = shares.wrap(network, device)
     step_model = compiled(model, args.compile, device)
     precision = autocast_dtype(args.precision, device)
     groups = getattr(network, "parameter_groups", None)
@@ -299,17 +303,17 @@ def fit(
     best = FitResult(best_epoch=0, best_validation_loss=math.inf, epochs_run=0, seconds=0.0)
     best_state: dict[str, torch.Tensor] = {}
     first_epoch, first_step, step_count, epoch_total = 1, 0, 0, 0.0
-    saved = checkpoints.load() if checkpoints is not None else None
+    saved = shares.load_checkpoint(checkpoints, network, optimizer) if checkpoints is not None else None
     if saved is not None:
-        network.load_state_dict(saved["network"])
-        optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         best = FitResult(**saved["result"])
         best_state = saved["best_state"]
         shuffler.set_state(saved["shuffler"])
         torch.set_rng_state(saved["torch_rng"])
         first_epoch, first_step = saved["epoch"], saved["step"]
-        step_count, epoch_total = saved["step_count"], saved["epoch_total"]
+        # The epoch's loss so far is every process's (see `checkpoint`): the main process carries it on.
+        step_count = saved["step_count"]
+        epoch_total = saved["epoch_total"] if processes.main else 0.0
         log.info(
             "resuming from the checkpoint: epoch %d, step %d of %d", first_epoch, first_step, steps_per_epoch
         )
@@ -320,27 +324,30 @@ def fit(
         best.history.append({"epoch": 0, **start})  # no train loss: nothing has trained yet
         if math.isfinite(start["validation_loss"]):
             best.best_validation_loss = start["validation_loss"]
-            best_state = _state_copy(network)
+            best_state = shares.weights(network)
     started = time.monotonic() - best.seconds
 
     def checkpoint(epoch: int, step: int, epoch_shuffler: torch.Tensor, total: float) -> None:
-        if checkpoints is None or not processes.main:
+        if checkpoints is None or not checkpoints.enabled:
             return
         best.seconds = time.monotonic() - started
-        checkpoints.save(
+        if processes.distributed:  # each process summed its own rows' losses; the checkpoint keeps them all
+            total = _summed(total, device)
+        shares.save_checkpoint(
+            checkpoints,
+            network,
+            optimizer,
+            best_state,
             {
-                "network": network.state_dict(),
-                "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
                 "result": dataclasses.asdict(best),
-                "best_state": best_state,
                 "shuffler": epoch_shuffler,
                 "torch_rng": torch.get_rng_state(),
                 "epoch": epoch,
                 "step": step,
                 "step_count": step_count,
                 "epoch_total": total,
-            }
+            },
         )
 
     stopped = False
@@ -361,8 +368,7 @@ def fit(
             pieces = [shard[i : i + size] for i in range(0, len(shard), size)]
             for position, piece in enumerate(pieces):
                 last = position == len(pieces) - 1
-                sync = nullcontext() if last or not processes.distributed else model.no_sync()  # type: ignore[operator]
-                with sync:
+                with shares.sync(model, last):
                     with torch.autocast(device.type, dtype=precision, enabled=precision is not None):
                         outputs = step_model(*(x[piece] for x in x_train))
                     loss = objective.train_loss(outputs.float(), y_train[piece])
@@ -378,9 +384,7 @@ def fit(
             if checkpoints is not None and checkpoints.due(step_count) and step + 1 < steps_per_epoch:
                 checkpoint(epoch, step + 1, epoch_shuffler, total)
         if processes.distributed:
-            summed = torch.tensor([total], dtype=torch.float64, device=device)
-            distributed.all_reduce(summed)
-            total = float(summed.item())
+            total = _summed(total, device)
         report = objective.validation_report(predict(network, x_val), y_val)
         train_loss, val_loss = total / rows, report["validation_loss"]
         if processes.main:
@@ -399,7 +403,7 @@ def fit(
             scheduler.step(val_loss)
         if val_loss < best.best_validation_loss - 1e-6:
             best.best_epoch, best.best_validation_loss = epoch, val_loss
-            best_state = _state_copy(network)
+            best_state = shares.weights(network)
         elif epoch - best.best_epoch >= args.patience:
             log.info(
                 "stopping early at epoch %d: no lower validation loss for %d epochs (lowest %.4f, epoch %d)",
@@ -413,9 +417,10 @@ def fit(
         checkpoint(epoch + 1, 0, shuffler.get_state(), 0.0)
         if stopped:
             break
-    network.load_state_dict(best_state)
+    shares.load_weights(network, best_state)
     network.eval()
     best.seconds = time.monotonic() - started
+    best.sharded = shares.sharded
     return best
 
 
@@ -425,7 +430,9 @@ def predict(network: nn.Module, inputs: Inputs) -> torch.Tensor:
     tensors = _as_tuple(inputs)
     chunk = int(getattr(network, "predict_batch_rows", PREDICT_BATCH_ROWS))
     network.eval()
-    with torch.inference_mode():
+    # Sharded (FSDP), a forward writes the gathered weights into buffers the next step trains with: tensors
+    # made in inference mode cannot be written outside it, so no_grad there.
+    with torch.no_grad() if parallel.is_sharded(network) else torch.inference_mode():
         chunks = [
             network(*(x[i : i + chunk] for x in tensors)).float() for i in range(0, len(tensors[0]), chunk)
         ]
@@ -456,6 +463,8 @@ def learning_rate_schedule(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def _state_copy(network: nn.Module) -> dict[str, torch.Tensor]:
-    # On the host: a large model's best weights need not take a second copy's worth of GPU memory.
-    return {k: v.detach().to("cpu", copy=True) for k, v in network.state_dict().items()}
+def _summed(value: float, device: torch.device) -> float:
+    """The sum of `value` over the training processes (a collective: every process calls it)."""
+    summed = torch.tensor([value], dtype=torch.float64, device=device)
+    distributed.all_reduce(summed)
+    return float(summed.item())

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import distributed, nn
 
+import parallel
 import recipes
 from arguments import CHANNELS, HYPERPARAMETERS, parse_args
 from checkpoint import Checkpoints, checkpoint_directory
@@ -235,7 +236,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         processes.world_size,
     )
 
-    network = build_network(args, encoder, tensors["train"][0]).to(device)
+    network = build_network(args, encoder, tensors["train"][0])
+    shares = parallel.choose(args.sharding, network, processes.rank, processes.world_size, device)
+    if not shares.sharded:  # sharded, each layer's shard moves to the device as it is sharded
+        network = network.to(device)
     objective: Objective
     train_truth = tensors["train"][1].cpu().numpy()
     if encoder.task == "classification":
@@ -263,9 +267,24 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         },
         args.checkpoint_steps,
     )
-    result = fit(network, objective, tensors["train"], tensors["validation"], args, checkpoints, processes)
-    if not processes.main:
+    result = fit(
+        network, objective, tensors["train"], tensors["validation"], args, checkpoints, processes, shares
+    )
+    x_test, y_test = tensors["test"]
+    if result.sharded:
+        # Every process runs the test split through the sharded network (each layer's forward gathers its
+        # weights from all of them); then the main one gathers the whole network on the host to save it.
+        outputs = predict(network, x_test).cpu()
+        weights = parallel.FullySharded(processes.rank, processes.world_size).full_weights(network)
+        if not processes.main:
+            return {}
+        network = build_network(args, encoder, tensors["train"][0])
+        network.load_state_dict(weights)
+        network.eval()
+    elif not processes.main:
         return {}  # the main process evaluates and saves the model the processes trained together
+    else:
+        outputs = predict(network, x_test).cpu()
     log.info(
         "kept epoch %d of %d (validation loss %.4f)%s; %.1f s",
         result.best_epoch,
@@ -277,8 +296,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         result.seconds,
     )
 
-    x_test, y_test = tensors["test"]
-    outputs = predict(network, x_test).cpu()
     # What the report plots besides the evaluation: the test rows' scores and answers.
     if encoder.task == "classification":
         plotted = {"probabilities": torch.softmax(outputs, dim=1).numpy(), "truth": y_test.cpu().numpy()}

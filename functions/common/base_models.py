@@ -98,6 +98,8 @@ USABLE_SHARE = 0.8
 # The instance a refusal suggests: the smallest single-GPU memory that holds the estimate.
 _ONE_DEVICE_SUGGESTIONS = (("ml.g5.xlarge", 24), ("ml.g6e.xlarge", 48), ("ml.p4de.24xlarge", 80),
                            ("ml.p5e.48xlarge", 141))  # fmt: skip
+# For a model no single GPU holds: the instances whose GPUs hold it together, sharded (FSDP), smallest first.
+_SHARDED_SUGGESTIONS = ("ml.g5.12xlarge", "ml.g6e.12xlarge", "ml.p4de.24xlarge", "ml.p5e.48xlarge")
 
 
 class BaseModelRefused(Exception):
@@ -461,15 +463,29 @@ def training_bytes(parameters: int, adapter: str) -> int:
     return parameters * FULL_BYTES_PER_PARAMETER
 
 
+def training_devices(instance_type: str | None, instance_count: int = 1) -> int:
+    """How many training processes torchrun starts: one per GPU of each instance, one per CPU instance."""
+    known = instance_memory(instance_type)
+    return max(1, known[1] if known else 1) * max(1, instance_count)
+
+
 def instance_for(parameters: int, adapter: str, default: str | None) -> str | None:
     """The training instance for a base when the spec names none: the stack's `default` when fine-tuning
     fits one of its devices (or its memory is unknown), else the smallest single-GPU instance that holds
-    it; `default` again when none does (`estimate_fit` then refuses, saying to choose a smaller base)."""
+    it, else the smallest multi-GPU instance whose GPUs hold it sharded (FSDP); `default` again when none
+    does (`estimate_fit` then refuses, saying to choose a smaller base)."""
     needed = training_bytes(parameters, adapter) / 2**30
     known = instance_memory(default)
     if known is None or needed <= known[0] * USABLE_SHARE:
         return default
-    return next((name for name, gib in _ONE_DEVICE_SUGGESTIONS if needed <= gib * USABLE_SHARE), default)
+    one = next((name for name, gib in _ONE_DEVICE_SUGGESTIONS if needed <= gib * USABLE_SHARE), None)
+    return one or next((name for name in _SHARDED_SUGGESTIONS if _shards_fit(needed, name, 1)), default)
+
+
+def _shards_fit(needed_gib: float, instance_type: str, instance_count: int) -> bool:
+    known = instance_memory(instance_type)
+    devices = training_devices(instance_type, instance_count)
+    return known is not None and devices > 1 and needed_gib / devices <= known[0] * USABLE_SHARE
 
 
 def estimate_fit(
@@ -478,19 +494,27 @@ def estimate_fit(
     adapter: str,
     where: str = "",
     memory_gib: float | None = None,
+    instance_count: int = 1,
 ) -> dict[str, Any]:
-    """Whether fine-tuning a model of `parameters` fits one device of the instance; refuses when not.
+    """Whether fine-tuning a model of `parameters` fits one device of the instance, or its devices together
+    with the model sharded over them (FSDP: each holds 1/N of the weights, gradients and optimiser state);
+    refuses when neither.
 
     Returns
     -------
     dict
-        ``needed_gib``, ``device_gib`` (None when unknown) and ``fits`` (True, or None when unchecked).
+        ``needed_gib``, ``device_gib`` (None when unknown), ``fits`` (True, or None when unchecked) and
+        ``sharding`` (``none``, or ``fsdp`` when only the devices together hold it, over ``devices``).
     """
     needed = training_bytes(parameters, adapter) / 2**30
     known = instance_memory(instance_type)
     device = memory_gib if memory_gib is not None else (known[0] if known else None)
+    devices = training_devices(instance_type, instance_count)
+    fits = {"needed_gib": round(needed, 3), "device_gib": device, "devices": devices, "sharding": "none"}
     if device is None:
-        return {"needed_gib": round(needed, 3), "device_gib": None, "fits": None}
+        return {**fits, "fits": None}
+    if needed > device * USABLE_SHARE and devices > 1 and needed / devices <= device * USABLE_SHARE:
+        return {**fits, "fits": True, "sharding": "fsdp"}
     if needed > device * USABLE_SHARE:
         lora_fits = training_bytes(parameters, "lora") / 2**30 <= device * USABLE_SHARE
         if adapter == "full" and lora_fits:
@@ -506,14 +530,24 @@ def estimate_fit(
                 f'"{bigger[0]}"}} has {bigger[1]} GiB per GPU)'
             )
         else:
-            advice += "choose a smaller base model: no single accelerator SageMaker offers holds it"
+            sharded = next((name for name in _SHARDED_SUGGESTIONS if _shards_fit(needed, name, 1)), None)
+            if sharded:
+                gib, gpus = instance_memory(sharded)  # type: ignore[misc]
+                advice += (
+                    f'choose a training instance whose GPUs hold it sharded ("training": {{"instance_type": '
+                    f'"{sharded}"}}: {gpus} GPUs of {gib:g} GiB; conveyor shards the model over them with FSDP)'
+                )
+            else:
+                advice += "choose a smaller base model: not even 8 of the largest GPUs SageMaker offers hold it"
+        of = f"one device of {instance_type or 'this machine'}"
+        if devices > 1:
+            of = f"one device of {instance_type}, or {devices} of them sharded"
         raise BaseModelRefused(
             f"the base model{' at ' + where if where else ''} has {parameters / 1e6:,.1f}M parameters: "
             f"{adapter} fine-tuning needs about {needed:,.1f} GiB for weights, gradients and optimiser "
-            f"state, more than {USABLE_SHARE:.0%} of the {device:g} GiB of one device of "
-            f"{instance_type or 'this machine'}: {advice}"
+            f"state, more than {USABLE_SHARE:.0%} of the {device:g} GiB of {of}: {advice}"
         )
-    return {"needed_gib": round(needed, 3), "device_gib": device, "fits": True}
+    return {**fits, "fits": True}
 
 
 # ------------------------------------------------------------------------------------- the hash manifest

@@ -322,6 +322,8 @@ def _execution_input(manifest: dict[str, Any], spec: DatasetSpec, settings: Sett
             adapter=spec.adapter,
             **({"max_length": str(spec.max_length)} if spec.max_length else {}),
         )
+        if base["memory"].get("sharding") == "fsdp":  # only the instance's GPUs together hold it
+            hyperparameters.setdefault("sharding", "fsdp")
     default_metric = "accuracy" if manifest["task"] == "classification" else "r2"
     execution_input = {
         "dataset": slug,
@@ -393,7 +395,11 @@ def _base_model(
                 )
                 resources.update(training_resources({**spec.training, "instance_type": chosen}, settings))
         fit = base_models.estimate_fit(
-            info.parameters, resources["instance_type"], spec.adapter, info.location
+            info.parameters,
+            resources["instance_type"],
+            spec.adapter,
+            info.location,
+            instance_count=int(resources.get("instance_count", 1)),
         )
     except base_models.BaseModelRefused as refused:
         logger.warning("base model refused", extra={"base_model": spec.base_model, "reason": refused.reason})

@@ -130,6 +130,23 @@ def test_a_model_too_large_for_the_instance_is_refused_with_what_to_do(base):
     assert hub.instance_memory("ml.p4d.24xlarge") == (40.0, 8)
 
 
+def test_a_model_no_gpu_holds_fits_the_gpus_of_its_instance_sharded_or_is_refused_saying_which_do():
+    three_billion = 3_000_000_000  # 45 GiB to fine-tune in full: more than 80% of 24 GiB, 11 GiB of 4 GPUs
+    sharded = hub.estimate_fit(three_billion, "ml.g5.12xlarge", "full")
+    assert sharded["fits"] is True and sharded["sharding"] == "fsdp" and sharded["devices"] == 4
+    assert hub.estimate_fit(110_000_000, "ml.g5.12xlarge", "full")["sharding"] == "none"  # one GPU holds it
+    # Two instances of one GPU each: torchrun's two processes hold it together.
+    assert hub.estimate_fit(1_500_000_000, "ml.g5.xlarge", "full", instance_count=2)["sharding"] == "fsdp"
+    with pytest.raises(hub.BaseModelRefused, match="or 4 of them sharded"):
+        hub.estimate_fit(30_000_000_000, "ml.g5.12xlarge", "full")
+    # No single GPU holds 10B parameters in full (149 GiB): four of 48 GiB do, sharded; 70B (1 TiB), none.
+    with pytest.raises(hub.BaseModelRefused) as refused:
+        hub.estimate_fit(10_000_000_000, "ml.g5.xlarge", "full")
+    assert '"ml.g6e.12xlarge"}: 4 GPUs of 48 GiB; conveyor shards the model over them' in refused.value.reason
+    with pytest.raises(hub.BaseModelRefused, match="choose a smaller base model: not even 8"):
+        hub.estimate_fit(70_000_000_000, "ml.g5.xlarge", "full")
+
+
 def test_a_path_outside_the_hub_is_refused():
     for uri in (
         "s3://someone-elses-bucket/base-models/bert/",
@@ -254,6 +271,7 @@ def test_the_instance_is_chosen_to_fit_the_base_when_the_spec_names_none(target,
     assert hub.instance_for(110_000_000, "full", "ml.g5.xlarge") == "ml.g5.xlarge"  # BERT-base fits 24 GiB
     assert hub.instance_for(1_300_000_000, "full", "ml.g5.xlarge") == "ml.g6e.xlarge"  # 19 GiB: 48 GiB
     assert hub.instance_for(1_300_000_000, "lora", "ml.g5.xlarge") == "ml.g5.xlarge"  # LoRA's share fits
+    assert hub.instance_for(10**10, "full", "ml.g5.xlarge") == "ml.g6e.12xlarge"  # 149 GiB: 4 GPUs, sharded
     assert hub.instance_for(70_000_000_000, "full", "ml.g5.xlarge") == "ml.g5.xlarge"  # none holds it
     assert hub.instance_for(10**9, "full", "ml.unknown.type") == "ml.unknown.type"
 
@@ -278,3 +296,12 @@ def test_the_instance_is_chosen_to_fit_the_base_when_the_spec_names_none(target,
     )
     assert named["training"]["resources"]["instance_type"] == "ml.g5.xlarge"
     assert "choose a training instance with more memory" in named["refused"]["Cause"]
+    assert "sharding" not in chosen["training"]["hyperparameters"]
+    # A base that one of its GPUs cannot hold, but the four together can: the job trains it sharded.
+    parameters = hub.inspect(hub.FolderFiles(tiny_bert)).parameters
+    monkeypatch.setattr(hub, "FULL_BYTES_PER_PARAMETER", 40 * 2**30 // parameters)  # 40 GiB
+    four = app._execution_input(
+        manifest, DatasetSpec(base_model="tiny-bert", training={"instance_type": "ml.g5.12xlarge"}), settings
+    )
+    assert "refused" not in four and four["training"]["base"]["memory"]["sharding"] == "fsdp"
+    assert four["training"]["hyperparameters"]["sharding"] == "fsdp"
