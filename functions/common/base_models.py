@@ -538,7 +538,9 @@ def estimate_fit(
                     f'"{sharded}"}}: {gpus} GPUs of {gib:g} GiB; conveyor shards the model over them with FSDP)'
                 )
             else:
-                advice += "choose a smaller base model: not even 8 of the largest GPUs SageMaker offers hold it"
+                advice += (
+                    "choose a smaller base model: not even 8 of the largest GPUs SageMaker offers hold it"
+                )
         of = f"one device of {instance_type or 'this machine'}"
         if devices > 1:
             of = f"one device of {instance_type}, or {devices} of them sharded"
