@@ -9,7 +9,7 @@ resolve the images for an estimator; it runs in tooling only, never in a Lambda 
     .tools/sagemaker/bin/python scripts/image_uris.py --write   # rewrite the mapping in template.yaml
 
 For every region the SDK knows for the template's default ``PyTorchImageVersion`` it checks that the
-mapping has the region, with the account of all three images (training on GPU and CPU, inference on CPU),
+mapping has the region, with the account of all four images (training on GPU and CPU, inference on CPU and GPU),
 and that the template's image names give exactly the SDK's URIs.
 """
 
@@ -28,11 +28,13 @@ ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "template.yaml"
 MAPPING = "DeepLearningContainers"
 PY_VERSION = "py311"
-# (what the template names the image, the SDK's image scope, an instance type of the processor it runs on)
+# (what the template names the image, the SDK's image scope, an instance type of the processor it runs on);
+# InferenceImage is an Fn::If on the endpoint's instance type: ":gpu" names its GPU branch.
 IMAGES = (
     ("TrainingImage", "training", "ml.g5.xlarge"),
     ("ProcessingImage", "training", "ml.m5.xlarge"),
     ("InferenceImage", "inference", "ml.m5.large"),
+    ("InferenceImage:gpu", "inference", "ml.g5.xlarge"),
 )
 BEGIN, END = f"  {MAPPING}:", "\n\n"
 
@@ -89,7 +91,11 @@ def sdk_uris(version: str) -> dict[str, dict[str, str]]:
 def template_uri(template: dict[str, Any], name: str, region: str, version: str) -> str:
     """The URI the template's ``name`` substitution gives in `region` (account from the mapping)."""
     substitutions = template["Resources"]["Pipeline"]["Properties"]["DefinitionSubstitutions"]
-    text, variables = substitutions[name]["Fn::Sub"]
+    base, _, branch = name.partition(":")
+    value = substitutions[base]
+    if "Fn::If" in value:  # [condition, when true (the GPU image), when false]
+        value = value["Fn::If"][1 if branch == "gpu" else 2]
+    text, variables = value["Fn::Sub"]
     account = template["Mappings"][MAPPING][region]["Account"]
     suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
     values = {"AWS::Region": region, "AWS::URLSuffix": suffix, "PyTorchImageVersion": version}

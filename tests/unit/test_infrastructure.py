@@ -319,3 +319,17 @@ def test_the_deep_learning_container_images_come_from_each_regions_registry():
         "ProcessingImage": "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-training:2.5.1-cpu-py311",
         "InferenceImage": "763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.5.1-cpu-py311",
     }
+
+
+def test_a_gpu_endpoint_instance_type_gets_the_gpu_inference_image():
+    """The pretrained recipe's model server uses the GPU when there is one; the image has to bring CUDA."""
+    for instance_type, build in (
+        ("ml.g5.xlarge", "gpu"),
+        ("ml.p4d.24xlarge", "gpu"),
+        ("ml.c5.xlarge", "cpu"),
+    ):
+        stack = Stack(ROOT, parameters={"InferenceInstanceType": instance_type})
+        image = stack.resolve(
+            stack.resources["Pipeline"].properties["DefinitionSubstitutions"]["InferenceImage"]
+        )
+        assert image == f"763104351884.dkr.ecr.us-east-1.amazonaws.com/pytorch-inference:2.5.1-{build}-py311"
