@@ -207,6 +207,7 @@ class SequenceClassifier(nn.Module):
 
     # Rows per forward pass when predicting (`loop.predict`, `inference.predict_fn`).
     predict_batch_rows = 64
+    predict_batch_tokens = 2048  # padded tokens per forward pass when predicting: 16 rows of 128
     serving_requirements = SERVING_REQUIREMENTS
 
     def __init__(self, model: nn.Module, info: Mapping[str, Any], tokenizer: Any = None) -> None:
@@ -214,6 +215,10 @@ class SequenceClassifier(nn.Module):
         self.model = model
         self.info = dict(info)
         self.tokenizer = tokenizer
+
+    def row_lengths(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Each row's tokens: `model.outputs_in_batches` batches rows of about one length together."""
+        return attention_mask.sum(dim=1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits for a batch; its columns past its longest row (all padding) are cut first."""

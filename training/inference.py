@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from data import Encoder
-from model import build_model
+from model import build_model, outputs_in_batches
 
 MAX_INSTANCES = 10_000
 JSON_TYPE = "application/json"
@@ -159,14 +159,8 @@ def predict_fn(data: tuple[np.ndarray, ...] | np.ndarray, model: LoadedModel) ->
         JSON value: an integer or a string) or ``{"value": <number>}``.
     """
     inputs = [torch.as_tensor(a) for a in (data if isinstance(data, tuple) else (data,))]
-    chunk = int(getattr(model.network, "predict_batch_rows", PREDICT_BATCH_ROWS))
     with torch.inference_mode():
-        outputs = torch.cat(
-            [
-                model.network(*(x[i : i + chunk].to(model.device) for x in inputs)).float().cpu()
-                for i in range(0, len(inputs[0]), chunk)
-            ]
-        )
+        outputs = outputs_in_batches(model.network, inputs, model.device, PREDICT_BATCH_ROWS).cpu()
     encoder = model.encoder
     if encoder.task == "regression":
         return [{"value": float(v)} for v in encoder.decode_target(outputs.squeeze(1).numpy())]

@@ -26,7 +26,7 @@ from torch.nn import functional
 
 import parallel
 from checkpoint import Checkpoints
-from model import TabularMLP
+from model import TabularMLP, outputs_in_batches
 
 log = logging.getLogger("train")
 PREDICT_BATCH_ROWS = 65_536
@@ -425,18 +425,13 @@ def fit(
 
 
 def predict(network: nn.Module, inputs: Inputs) -> torch.Tensor:
-    """The network's outputs in evaluation mode, in chunks so a large split fits in memory (of the
-    network's ``predict_batch_rows`` when it has one)."""
-    tensors = _as_tuple(inputs)
-    chunk = int(getattr(network, "predict_batch_rows", PREDICT_BATCH_ROWS))
+    """The network's outputs in evaluation mode, in batches so a large split fits in memory
+    (`model.outputs_in_batches`)."""
     network.eval()
     # Sharded (FSDP), a forward writes the gathered weights into buffers the next step trains with: tensors
     # made in inference mode cannot be written outside it, so no_grad there.
     with torch.no_grad() if parallel.is_sharded(network) else torch.inference_mode():
-        chunks = [
-            network(*(x[i : i + chunk] for x in tensors)).float() for i in range(0, len(tensors[0]), chunk)
-        ]
-    return torch.cat(chunks)
+        return outputs_in_batches(network, _as_tuple(inputs), batch_rows=PREDICT_BATCH_ROWS)
 
 
 def learning_rate_schedule(

@@ -20,6 +20,48 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 ARCHITECTURES = ("tabular_mlp", "text_bilstm", "image_cnn")
 
 
+def outputs_in_batches(
+    network: nn.Module,
+    inputs: Sequence[torch.Tensor],
+    device: torch.device | None = None,
+    batch_rows: int = 8192,
+) -> torch.Tensor:
+    """The network's float32 outputs for rows given as `inputs` (moved to `device` a batch at a time when
+    given), in batches of its ``predict_batch_rows`` (else `batch_rows`); the caller chooses the grad mode.
+
+    A network with ``row_lengths`` (a Transformer, whose compute grows with each batch's longest row) gets
+    its rows longest first, in batches of at most ``predict_batch_tokens`` padded tokens: rows of about one
+    length share a batch, so little of the work is padding. The outputs come back in the rows' order.
+    """
+    rows = len(inputs[0])
+    most = int(getattr(network, "predict_batch_rows", batch_rows))
+    lengths = getattr(network, "row_lengths", None)
+    order = None
+    if lengths is None or rows <= 1:
+        batches = [slice(i, i + most) for i in range(0, rows, most)]
+    else:
+        length = lengths(*inputs).cpu()
+        order = torch.argsort(length, descending=True, stable=True)
+        budget = int(getattr(network, "predict_batch_tokens", 4096))
+        batches, start = [], 0
+        while start < rows:
+            longest = max(1, int(length[order[start]]))  # the batch's first row is its longest
+            size = max(1, min(most, budget // longest))
+            batches.append(order[start : start + size].to(inputs[0].device))
+            start += size
+    outputs = [
+        network(*(x[b] if device is None else x[b].to(device) for x in inputs)).float() for b in batches
+    ]
+    if not outputs:
+        return network(*(x[:0] if device is None else x[:0].to(device) for x in inputs)).float()
+    joined = torch.cat(outputs)
+    if order is None:
+        return joined
+    restored = torch.empty_like(joined)
+    restored[order.to(joined.device)] = joined
+    return restored
+
+
 class TabularMLP(nn.Module):
     """A multilayer perceptron over encoded features: standardised numbers, one-hots, bags of words.
 

@@ -305,3 +305,34 @@ def test_the_linear_schedule_warms_up_then_decays_to_zero(training_modules_loop)
         schedule.step()
     assert rates[0] < rates[1] < rates[2] == 1.0
     assert all(a > b for a, b in itertools.pairwise(rates[2:])) and rates[-1] == pytest.approx(0.125)
+
+
+def test_rows_are_predicted_longest_first_in_token_budgets_and_answered_in_their_order():
+    """Transformers pad each batch to its longest row: batching rows of about one length wastes little."""
+    import torch
+
+    with modules_from(TRAINING) as load:
+        outputs_in_batches = load("model").outputs_in_batches
+
+    class Echo(torch.nn.Module):
+        predict_batch_rows, predict_batch_tokens = 4, 12
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def row_lengths(self, ids, mask):
+            return mask.sum(dim=1)
+
+        def forward(self, ids, mask):
+            self.seen.append(mask.sum(dim=1).tolist())
+            return ids[:, :1].float()
+
+    lengths = [1, 6, 2, 3, 6, 1, 4, 2, 2]
+    mask = torch.tensor([[1] * n + [0] * (6 - n) for n in lengths])
+    ids = torch.arange(len(lengths)).unsqueeze(1).repeat(1, 6)
+    network = Echo()
+    outputs = outputs_in_batches(network, (ids, mask))
+    assert outputs.squeeze(1).tolist() == list(range(len(lengths)))  # each row's own answer, in order
+    # 12 padded tokens a batch: two rows of 6; three padded to 4; then four (the row cap) padded to 2.
+    assert network.seen == [[6, 6], [4, 3, 2], [2, 2, 1, 1]]
