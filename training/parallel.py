@@ -240,15 +240,23 @@ def is_sharded(network: nn.Module) -> bool:
 
 
 def shard_units(network: nn.Module) -> list[nn.Module]:
-    """The blocks to shard one by one: a transformers model's ``_no_split_modules`` (its layers), else the
-    network's own ``shard_units``; none otherwise (the network is then one unit)."""
+    """The blocks to shard one by one, innermost first (FSDP wants a unit's inner units sharded before it):
+    the network's own ``shard_units`` when it has them; else a transformers model's layers: the classes its
+    ``_no_split_modules`` names, and every ``GradientCheckpointingLayer`` (what transformers 5 makes each
+    layer block of an encoder, DistilBERT's included, which names no ``_no_split_modules``). None otherwise:
+    the network is then one unit."""
     own = getattr(network, "shard_units", None)
     if callable(own):
         return list(own())
     names: set[str] = set()
     for module in network.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
-    return [m for m in network.modules() if type(m).__name__ in names and m is not network]
+
+    def is_unit(module: nn.Module) -> bool:
+        classes = {c.__name__ for c in type(module).__mro__}
+        return bool(classes & names) or "GradientCheckpointingLayer" in classes
+
+    return [m for m in reversed(list(network.modules())) if m is not network and is_unit(m)]
 
 
 @contextmanager

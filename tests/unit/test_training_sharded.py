@@ -46,10 +46,10 @@ def history(root):
     return json.loads((root / "opt/ml/output/data/history.json").read_text())
 
 
-def job(tmp_path, name, rows, manifest, base, *extra, processes=1):
+def job(tmp_path, name, rows, manifest, base, *extra, processes=1, family="bert"):
     root = tmp_path / name
     root.mkdir()
-    command, env, _ = pretrained_job(root, rows, manifest, "bert", *SETTINGS, *extra, base=base)
+    command, env, _ = pretrained_job(root, rows, manifest, family, *SETTINGS, *extra, base=base)
     assert command[:2] == [sys.executable, str(TRAINING / "train.py")]
     return root, ([*TORCHRUN, *command[1:]] if processes == 2 else command), env
 
@@ -122,3 +122,20 @@ def test_two_processes_train_shards_checkpoint_resume_and_match_the_unsharded_mo
         labels = [p["label"] for p in serve(inference, model, instances)["predictions"]]
     accuracy = sum(label == row["sentiment"] for label, row in zip(labels, test_rows, strict=True))
     assert accuracy / len(test_rows) == pytest.approx(sharded["value"])
+
+
+def test_lora_adapters_train_sharded_and_save_merged(tmp_path):
+    """LoRA under FSDP: the frozen base and the adapters are sharded alike (DistilBERT names no
+    `_no_split_modules`; its layers are found as transformers' GradientCheckpointingLayer)."""
+    rows, manifest = sentiment(n=400)
+    base = save_tiny_encoder(tmp_path / "base", "distilbert", words=WORDS, dropout=0.0)
+    root, command, env = job(
+        tmp_path, "lora", rows, manifest, base, *("--sharding", "fsdp", "--adapter", "lora"), processes=2,
+        family="distilbert",
+    )  # fmt: skip
+    completed = run(command, env, root)
+    assert "FSDP: 2 sharded units and the root over 2 processes" in completed.stdout + completed.stderr
+    model_dir = root / "opt/ml/model"
+    assert (model_dir / "adapter").is_dir() and (model_dir / "hf/model.safetensors").is_file()
+    architecture = json.loads((model_dir / "model_config.json").read_text())["architecture"]
+    assert architecture["adapter"] == "lora" and architecture["model_type"] == "distilbert"
