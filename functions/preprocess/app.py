@@ -27,7 +27,7 @@ from aws_lambda_powertools.utilities.data_classes.sqs_event import SQSRecord
 from aws_lambda_powertools.utilities.typing import LambdaContext
 from botocore.exceptions import ClientError
 
-from common import aws, base_models
+from common import aws, base_models, instances
 from common.announce import announce
 from common.config import Settings
 from common.errors import DatasetRejected
@@ -383,7 +383,7 @@ def _base_model(
             adapter=spec.adapter,
         )
         if not named:
-            chosen = base_models.instance_for(info.parameters, spec.adapter, resources["instance_type"])
+            chosen = instances.instance_for(info.parameters, spec.adapter, resources["instance_type"])
             if chosen and chosen != resources["instance_type"]:
                 logger.info(
                     "training instance chosen for the base model",

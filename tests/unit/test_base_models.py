@@ -14,6 +14,7 @@ from moto import mock_aws
 from tiny_models import save_tiny_encoder
 
 from common import base_models as hub
+from common import instances
 from common.config import Settings
 from preprocess import app
 from preprocess.spec import DatasetSpec
@@ -126,8 +127,8 @@ def test_a_model_too_large_for_the_instance_is_refused_with_what_to_do(base):
     assert hub.estimate_fit(seven_billion, "ml.p4de.24xlarge", "lora")["fits"] is True
     assert hub.estimate_fit(110_000_000, "ml.g5.xlarge", "full")["fits"] is True  # bert-base
     assert hub.estimate_fit(seven_billion, "ml.unknown.xlarge", "full")["fits"] is None
-    assert hub.instance_memory("ml.m5.xlarge") == (16.0, 0)
-    assert hub.instance_memory("ml.p4d.24xlarge") == (40.0, 8)
+    assert instances.instance_memory("ml.m5.xlarge") == (16.0, 0)
+    assert instances.instance_memory("ml.p4d.24xlarge") == (40.0, 8)
 
 
 def test_a_model_no_gpu_holds_fits_the_gpus_of_its_instance_sharded_or_is_refused_saying_which_do():
@@ -268,16 +269,17 @@ def test_the_execution_input_carries_the_base_channel_or_the_refusal(target, tin
 def test_the_instance_is_chosen_to_fit_the_base_when_the_spec_names_none(target, tiny_bert, monkeypatch):
     from conveyor import base_models
 
-    assert hub.instance_for(110_000_000, "full", "ml.g5.xlarge") == "ml.g5.xlarge"  # BERT-base fits 24 GiB
-    assert hub.instance_for(1_300_000_000, "full", "ml.g5.xlarge") == "ml.g6e.xlarge"  # 19 GiB: 48 GiB
-    assert hub.instance_for(1_300_000_000, "lora", "ml.g5.xlarge") == "ml.g5.xlarge"  # LoRA's share fits
-    assert hub.instance_for(10**10, "full", "ml.g5.xlarge") == "ml.g6e.12xlarge"  # 149 GiB: 4 GPUs, sharded
-    assert hub.instance_for(70_000_000_000, "full", "ml.g5.xlarge") == "ml.g5.xlarge"  # none holds it
-    assert hub.instance_for(10**9, "full", "ml.unknown.type") == "ml.unknown.type"
+    choose = instances.instance_for
+    assert choose(110_000_000, "full", "ml.g5.xlarge") == "ml.g5.xlarge"  # BERT-base fits 24 GiB
+    assert choose(1_300_000_000, "full", "ml.g5.xlarge") == "ml.g6e.xlarge"  # 19 GiB: 48 GiB
+    assert choose(1_300_000_000, "lora", "ml.g5.xlarge") == "ml.g5.xlarge"  # LoRA's share fits
+    assert choose(10**10, "full", "ml.g5.xlarge") == "ml.g6e.12xlarge"  # 149 GiB: 4 GPUs, sharded
+    assert choose(70_000_000_000, "full", "ml.g5.xlarge") == "ml.g5.xlarge"  # none holds it
+    assert choose(10**9, "full", "ml.unknown.type") == "ml.unknown.type"
 
     base_models.push(target, tiny_bert, "tiny-bert")
     # The tiny encoder as if each parameter took 10 MB to fine-tune: tens of GiB.
-    monkeypatch.setattr(hub, "FULL_BYTES_PER_PARAMETER", 10_000_000)
+    monkeypatch.setattr(instances, "FULL_BYTES_PER_PARAMETER", 10_000_000)
     settings = Settings(
         artifacts_bucket=BUCKET,
         processed_bucket="processed",
@@ -299,7 +301,7 @@ def test_the_instance_is_chosen_to_fit_the_base_when_the_spec_names_none(target,
     assert "sharding" not in chosen["training"]["hyperparameters"]
     # A base that one of its GPUs cannot hold, but the four together can: the job trains it sharded.
     parameters = hub.inspect(hub.FolderFiles(tiny_bert)).parameters
-    monkeypatch.setattr(hub, "FULL_BYTES_PER_PARAMETER", 40 * 2**30 // parameters)  # 40 GiB
+    monkeypatch.setattr(instances, "FULL_BYTES_PER_PARAMETER", 40 * 2**30 // parameters)  # 40 GiB
     four = app._execution_input(
         manifest, DatasetSpec(base_model="tiny-bert", training={"instance_type": "ml.g5.12xlarge"}), settings
     )
