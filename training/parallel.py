@@ -32,6 +32,8 @@ log = logging.getLogger("train")
 
 SHARDING = ("auto", "none", "fsdp")
 # Bytes per trained parameter with AdamW in float32 (weights, gradients, two moments); frozen ones: weights.
+# The same figures as the preprocess function's estimate (functions/common/instances.py), which the training
+# container does not ship: this one counts the network's own parameters instead of a base's header.
 TRAINED_BYTES, FROZEN_BYTES = 16, 4
 # The share of a device's memory the weights, gradients and optimiser state may take; activations need the rest.
 USABLE_SHARE = 0.8
@@ -135,7 +137,14 @@ class Replicated(Parallel):
     def load_weights(self, network: nn.Module, weights: dict[str, Any]) -> None:
         network.load_state_dict(weights)
 
-    def save_checkpoint(self, checkpoints, network, optimizer, best, host) -> None:  # type: ignore[no-untyped-def]
+    def save_checkpoint(
+        self,
+        checkpoints: Checkpoints,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        best: dict[str, Any],
+        host: dict[str, Any],
+    ) -> None:
         if self.main:  # every process holds the same state
             checkpoints.save(
                 {
@@ -146,7 +155,9 @@ class Replicated(Parallel):
                 }
             )
 
-    def load_checkpoint(self, checkpoints, network, optimizer) -> dict[str, Any] | None:  # type: ignore[no-untyped-def]
+    def load_checkpoint(
+        self, checkpoints: Checkpoints, network: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any] | None:
         saved = checkpoints.load()
         if saved is not None:
             network.load_state_dict(saved["network"])
@@ -192,7 +203,14 @@ class FullySharded(Parallel):
 
         set_model_state_dict(network, weights)
 
-    def save_checkpoint(self, checkpoints, network, optimizer, best, host) -> None:  # type: ignore[no-untyped-def]
+    def save_checkpoint(
+        self,
+        checkpoints: Checkpoints,
+        network: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        best: dict[str, Any],
+        host: dict[str, Any],
+    ) -> None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
         sharded = {
@@ -202,7 +220,9 @@ class FullySharded(Parallel):
         }
         ShardedCheckpoint(checkpoints, self.rank).save(sharded, {**host, "has_best": bool(best)})
 
-    def load_checkpoint(self, checkpoints, network, optimizer) -> dict[str, Any] | None:  # type: ignore[no-untyped-def]
+    def load_checkpoint(
+        self, checkpoints: Checkpoints, network: nn.Module, optimizer: torch.optim.Optimizer
+    ) -> dict[str, Any] | None:
         from torch.distributed.checkpoint.state_dict import (
             get_model_state_dict,
             get_optimizer_state_dict,
