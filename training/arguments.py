@@ -65,6 +65,12 @@ class _Parser(argparse.ArgumentParser):
         raise ConfigurationError(message)
 
 
+def _option(group: Any, name: str, **settings: Any) -> None:
+    """An option spelled both ways, ``--max-length`` and ``--max_length`` (SageMaker passes hyperparameters
+    with the underscores of their names), stored as `name`."""
+    group.add_argument(f"--{name.replace('_', '-')}", f"--{name}", dest=name, **settings)
+
+
 def parse_hidden_units(text: str) -> tuple[int, ...]:
     """Hidden layer widths from ``"128,64"`` (also ``"[128, 64]"`` or ``"128 64"``; empty: no hidden layer)."""
     parts = str(text).strip().strip("[]()\"'").replace(",", " ").split()
@@ -101,13 +107,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = _Parser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False
     )
-    parser.add_argument(
-        "--model-dir", "--model_dir", dest="model_dir", default=env.get("SM_MODEL_DIR", "model")
-    )
-    parser.add_argument(
-        "--output-data-dir",
-        "--output_data_dir",
-        dest="output_data_dir",
+    _option(parser, "model_dir", default=env.get("SM_MODEL_DIR", "model"))
+    _option(
+        parser,
+        "output_data_dir",
         default=env.get("SM_OUTPUT_DATA_DIR", "output"),
     )
     for channel in (*CHANNELS, *OPTIONAL_CHANNELS):
@@ -126,20 +129,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     # Defaults of None are the recipe's (recipes.DEFAULTS; the pretrained recipe's differ).
     hyper.add_argument("--epochs", type=int, default=None)
-    hyper.add_argument("--batch-size", "--batch_size", dest="batch_size", type=int, default=None)
-    hyper.add_argument("--learning-rate", "--learning_rate", dest="learning_rate", type=float, default=None)
-    hyper.add_argument(
-        "--hidden-units",
-        "--hidden_units",
-        dest="hidden_units",
+    _option(hyper, "batch_size", type=int, default=None)
+    _option(hyper, "learning_rate", type=float, default=None)
+    _option(
+        hyper,
+        "hidden_units",
         type=parse_hidden_units,
         default=(128, 64),
         help='hidden layer widths, e.g. "128,64"',
     )
-    hyper.add_argument(
-        "--linear-path",
-        "--linear_path",
-        dest="linear_path",
+    _option(
+        hyper,
+        "linear_path",
         default="true",
         choices=("true", "false"),
         help="tabular recipe: fit a linear model first (L2-regularised, as scikit-learn's LogisticRegression "
@@ -147,57 +148,51 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "is kept only as far as it lowers validation loss",
     )
     hyper.add_argument("--dropout", type=float, default=0.1)
-    hyper.add_argument("--weight-decay", "--weight_decay", dest="weight_decay", type=float, default=None)
-    hyper.add_argument(
-        "--class-weights",
-        "--class_weights",
-        dest="class_weights",
+    _option(hyper, "weight_decay", type=float, default=None)
+    _option(
+        hyper,
+        "class_weights",
         default="auto",
         choices=("auto", "none", "sqrt", "balanced"),
         help="weight classes by inverse frequency (balanced), its square root, or not at all; auto: sqrt "
         f"when the most common class outnumbers the rarest more than {IMBALANCE_RATIO:g} to 1 in train, "
         "else none",
     )
-    hyper.add_argument(
-        "--max-vocabulary",
-        "--max_vocabulary",
-        dest="max_vocabulary",
+    _option(
+        hyper,
+        "max_vocabulary",
         type=int,
         default=None,
         help="tokens kept per text feature, its most frequent in train (from the manifest): bag-of-words "
         "slots (tabular recipe, default 2000) or embedded tokens (text recipe, default 20000)",
     )
-    hyper.add_argument(
-        "--max-sequence-length",
-        "--max_sequence_length",
-        dest="max_sequence_length",
+    _option(
+        hyper,
+        "max_sequence_length",
         type=int,
         default=256,
         help="text recipe: tokens read per text value, its first ones (at most the longest in train)",
     )
-    hyper.add_argument("--embedding-dim", "--embedding_dim", dest="embedding_dim", type=int, default=64)
-    hyper.add_argument(
-        "--sequence-units",
-        "--sequence_units",
-        dest="sequence_units",
+    _option(hyper, "embedding_dim", type=int, default=64)
+    _option(
+        hyper,
+        "sequence_units",
         type=int,
         default=64,
         help="text recipe: LSTM units per direction",
     )
-    hyper.add_argument(
-        "--image-size",
-        "--image_size",
-        dest="image_size",
+    _option(
+        hyper,
+        "image_size",
         type=int,
         default=64,
         help="image recipe: the side of the square each image is resized and cropped to, in pixels",
     )
     hyper.add_argument("--seed", type=int, default=7)
     hyper.add_argument("--patience", type=int, default=None, help="epochs without a lower validation loss")
-    hyper.add_argument(
-        "--checkpoint-steps",
-        "--checkpoint_steps",
-        dest="checkpoint_steps",
+    _option(
+        hyper,
+        "checkpoint_steps",
         type=int,
         default=500,
         help="save a checkpoint every this many optimizer steps (and at every epoch's end); 0: epochs only",
@@ -216,37 +211,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="torch.compile the network for the training steps; auto: on a GPU only (on a CPU the "
         "compilation takes longer than small models train); the pretrained recipe's default is false",
     )
-    hyper.add_argument(
-        "--lr-schedule",
-        "--lr_schedule",
-        dest="lr_schedule",
+    _option(
+        hyper,
+        "lr_schedule",
         default=None,
         choices=("plateau", "linear"),
         help="plateau: halve the learning rate when validation loss stalls (the small models' default); "
         "linear: warm up over warmup_ratio of the steps, then decay to 0 (the pretrained recipe's)",
     )
-    hyper.add_argument("--warmup-ratio", "--warmup_ratio", dest="warmup_ratio", type=float, default=None)
-    hyper.add_argument(
-        "--max-grad-norm",
-        "--max_grad_norm",
-        dest="max_grad_norm",
+    _option(hyper, "warmup_ratio", type=float, default=None)
+    _option(
+        hyper,
+        "max_grad_norm",
         type=float,
         default=None,
         help="clip the gradients' norm to this before each step; 0: no clipping",
     )
-    hyper.add_argument(
-        "--gradient-accumulation-steps",
-        "--gradient_accumulation_steps",
-        dest="gradient_accumulation_steps",
+    _option(
+        hyper,
+        "gradient_accumulation_steps",
         type=int,
         default=1,
         help="split each batch into this many micro-batches, one forward and backward pass each, and step "
         "once: the same batch in less memory",
     )
-    hyper.add_argument(
-        "--gradient-checkpointing",
-        "--gradient_checkpointing",
-        dest="gradient_checkpointing",
+    _option(
+        hyper,
+        "gradient_checkpointing",
         default="false",
         choices=("true", "false"),
         help="pretrained recipe: recompute activations in the backward pass instead of keeping them "
@@ -261,19 +252,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "not fit one device's memory",
     )
     base = parser.add_argument_group("the pretrained recipe (set by preprocessing from conveyor.json)")
-    base.add_argument("--base-model", "--base_model", dest="base_model", default=None)
-    base.add_argument(
-        "--base-model-digest",
-        "--base_model_digest",
-        dest="base_model_digest",
+    _option(base, "base_model", default=None)
+    _option(
+        base,
+        "base_model_digest",
         default=None,
         help="the digest conveyor-base.json recorded; the base channel must match it",
     )
     base.add_argument("--adapter", default="full", choices=("full", "lora"))
-    base.add_argument(
-        "--max-length",
-        "--max_length",
-        dest="max_length",
+    _option(
+        base,
+        "max_length",
         type=int,
         default=128,
         help="tokens the base model reads per row, its first ones (at most its position embeddings)",
