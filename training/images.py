@@ -1,9 +1,9 @@
-"""The image recipe: read a split of class folders, decode images to square uint8 tensors, and the CNN that
-trains on them (docs/contracts.md, sections 3 and 4).
+"""Image datasets: read a split of class folders, decode images to square uint8 arrays, and decode request
+instances the same way (docs/contracts.md, sections 3 and 4).
 
-Normalisation and augmentation live inside `ImageCNN`, so serving (`encode_image_instances`, then the network
-in eval mode) runs exactly the preprocessing of training. Standard library, numpy, torch and Pillow only:
-this file also runs in the AWS PyTorch serving image, next to ``inference.py``.
+The networks that train on them (`image_cnn.ImageCNN`, `hf_image.ImageClassifier`) normalise and augment the
+uint8 squares themselves, so serving runs exactly the preprocessing of training. Standard library, numpy and
+Pillow only: this file also runs in the AWS PyTorch serving image, next to ``inference.py``.
 """
 
 from __future__ import annotations
@@ -27,10 +27,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
-from torch import nn
-from torch.nn import functional
 
 from data import DataError, json_kind
 
@@ -196,12 +193,13 @@ def _ignored_entry(entry: str) -> bool:
     return not parts or parts[0] == "__MACOSX" or any(_ignored(p) for p in parts)
 
 
-def decode_image(data: bytes, size: int, name: str = "") -> np.ndarray:
+def decode_image(data: bytes, size: int, name: str = "", crop: float = 1.0) -> np.ndarray:
     """Decode an image file to a square RGB array, as training and serving both see it.
 
     EXIF orientation is applied; greyscale, palette, CMYK and 16-bit images become RGB, and transparency is
-    composited on white. The shorter side is resized to `size` and the centre cropped square, in one
-    resampling. A large JPEG is decoded at a reduced scale first, which is much faster and keeps at least
+    composited on white. The central square of the shorter side (times `crop`) is resized to `size`, in one
+    resampling: with `crop` 0.875 that is resizing the shorter side to ``size / 0.875`` and cropping the
+    centre ``size`` square, as torchvision's and timm's evaluation transforms do. A large JPEG is decoded at a reduced scale first, which is much faster and keeps at least
     twice the target resolution.
 
     Parameters
@@ -212,6 +210,8 @@ def decode_image(data: bytes, size: int, name: str = "") -> np.ndarray:
         Side of the square output, in pixels.
     name
         What to call the image in an error message (an entry name, a request's instance).
+    crop
+        The share of the shorter side the centre square keeps, in (0, 1].
 
     Returns
     -------
@@ -234,8 +234,9 @@ def decode_image(data: bytes, size: int, name: str = "") -> np.ndarray:
                     f"{image.width}x{image.height} pixels is above the decompression-bomb limit of "
                     f"{Image.MAX_IMAGE_PIXELS} pixels",
                 )
-            image.draft(None, (size * DRAFT_GAP, size * DRAFT_GAP))
-            return _square_rgb(ImageOps.exif_transpose(image), size)
+            drafted = math.ceil(size * DRAFT_GAP / crop)
+            image.draft(None, (drafted, drafted))
+            return _square_rgb(ImageOps.exif_transpose(image), size, crop)
     except UndecodableImage:
         raise
     except UnidentifiedImageError as error:
@@ -259,10 +260,10 @@ def _open_formats() -> tuple[str, ...]:
     return tuple(f for f in IMAGE_FORMATS if f in Image.OPEN)
 
 
-def _square_rgb(image: Image.Image, size: int) -> np.ndarray:
+def _square_rgb(image: Image.Image, size: int, crop: float = 1.0) -> np.ndarray:
     image = _rgb_or_grey(image)
     width, height = image.size
-    side = min(width, height)
+    side = min(width, height) * crop
     box = ((width - side) / 2, (height - side) / 2, (width + side) / 2, (height + side) / 2)
     square = image.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=REDUCING_GAP)
     # Greyscale is resampled as one channel, a third of the work, and only then made RGB.
@@ -303,7 +304,11 @@ def _eight_bit(pixels: np.ndarray, mode: str) -> np.ndarray:
 
 
 def decode_images(
-    datas: Sequence[bytes], size: int, names: Sequence[str] | None = None, workers: int | None = None
+    datas: Sequence[bytes],
+    size: int,
+    names: Sequence[str] | None = None,
+    workers: int | None = None,
+    crop: float = 1.0,
 ) -> np.ndarray:
     """Decode many image files to one uint8 array, logging progress.
 
@@ -318,6 +323,8 @@ def decode_images(
     workers
         Decoding threads (Pillow releases the GIL while it decodes and resamples). Defaults to the CPUs
         this process may use, at most 16; 1 decodes in the calling thread. The result does not depend on it.
+    crop
+        The share of each image's shorter side its centre square keeps (`decode_image`).
 
     Returns
     -------
@@ -340,7 +347,7 @@ def decode_images(
     started = time.perf_counter()
 
     def decode_into(index: int) -> None:
-        output[index] = decode_image(datas[index], size, labels[index])
+        output[index] = decode_image(datas[index], size, labels[index], crop)
 
     done = 0
     for done in _run(decode_into, count, workers):
@@ -391,182 +398,7 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def channel_statistics(images: np.ndarray) -> tuple[list[float], list[float]]:
-    """Per-channel mean and standard deviation of uint8 images, in [0, 1] units.
-
-    Parameters
-    ----------
-    images
-        uint8, shape ``(N, 3, H, W)``: the training split as `decode_images` returns it.
-
-    Returns
-    -------
-    tuple of list of float
-        ``(mean, std)``, three values each; a channel that never varies gets std 1 so normalising cannot
-        divide by zero.
-    """
-    if images.ndim != 4 or images.dtype != np.uint8 or not images.shape[0]:
-        raise ValueError(
-            f"expected a non-empty uint8 array of N x C x H x W images, got {images.dtype} {images.shape}"
-        )
-    channels = images.shape[1]
-    # Histograms are exact and need no float copy of the whole split.
-    counts = np.zeros((channels, 256), dtype=np.int64)
-    step = max(1, 4_000_000 // max(1, images[0, 0].size))
-    for start in range(0, images.shape[0], step):
-        chunk = images[start : start + step]
-        for c in range(channels):
-            counts[c] += np.bincount(chunk[:, c].ravel(), minlength=256)
-    levels = np.arange(256, dtype=np.float64) / 255.0
-    total = counts.sum(axis=1)
-    mean = (counts @ levels) / total
-    variance = np.maximum((counts @ levels**2) / total - mean**2, 0.0)
-    std = np.sqrt(variance)
-    std[std < 1e-6] = 1.0
-    return [float(m) for m in mean], [float(s) for s in std]
-
-
-def default_widths(image_size: int) -> list[int]:
-    """Channel widths per stage: one stage per halving until the feature map is about 4 pixels, 1 to 5.
-
-    64 pixels gives ``[32, 64, 128, 256]``, 32 gives ``[32, 64, 128]``, 16 gives ``[32, 64]``.
-    """
-    stages = min(5, max(1, int(math.log2(max(image_size, 8) / 4))))
-    return [32, 64, 128, 256, 256][:stages]
-
-
-class ImageCNN(nn.Module):
-    """A small VGG-style CNN over uint8 images that normalises and augments them itself.
-
-    Each stage is (Conv 3x3, BatchNorm, ReLU) twice, then a 2x2 max-pool; global average pooling, dropout and
-    a linear layer follow. In training mode a random horizontal flip and a random shift of up to an eighth
-    of the image (reflection padding) are applied to each image, drawn from torch's global RNG so a seeded
-    run repeats; in eval mode the input is only normalised, as in serving.
-
-    Parameters
-    ----------
-    out_features
-        One logit per class.
-    image_size
-        Side of the square input images.
-    mean, std
-        Per-channel statistics of the training images in [0, 1] units (`channel_statistics`).
-    widths
-        Channels of each stage; defaults to `default_widths` of `image_size`.
-    dropout
-        Dropout probability before the linear layer.
-    """
-
-    def __init__(
-        self,
-        out_features: int,
-        image_size: int = DEFAULT_IMAGE_SIZE,
-        mean: Sequence[float] = (0.5, 0.5, 0.5),
-        std: Sequence[float] = (0.25, 0.25, 0.25),
-        widths: Sequence[int] | None = None,
-        dropout: float = 0.2,
-    ) -> None:
-        super().__init__()
-        if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
-            raise ValueError(f"mean and std need three values, std positive; got {mean!r} and {std!r}")
-        self.out_features = int(out_features)
-        self.image_size = int(image_size)
-        self.mean = [float(m) for m in mean]
-        self.std = [float(s) for s in std]
-        self.widths = [int(w) for w in (default_widths(self.image_size) if widths is None else widths)]
-        if not self.widths:
-            raise ValueError("widths needs at least one stage")
-        self.dropout = float(dropout)
-        # uint8 -> normalised float in one multiply-add: (x / 255 - mean) / std.
-        std_tensor = torch.tensor(self.std).view(1, 3, 1, 1)
-        self.register_buffer("scale", 1.0 / (255.0 * std_tensor))
-        self.register_buffer("shift", -torch.tensor(self.mean).view(1, 3, 1, 1) / std_tensor)
-        layers: list[nn.Module] = []
-        channels = 3
-        for width in self.widths:
-            for _ in range(2):
-                layers += [
-                    nn.Conv2d(channels, width, 3, padding=1, bias=False),
-                    nn.BatchNorm2d(width),
-                    nn.ReLU(inplace=True),
-                ]
-                channels = width
-            # ceil_mode: an odd or tiny feature map still pools rather than failing.
-            layers.append(nn.MaxPool2d(2, ceil_mode=True))
-        self.features = nn.Sequential(*layers)
-        self.head = nn.Sequential(
-            nn.AdaptiveAvgPool2d(1),
-            nn.Flatten(),
-            nn.Dropout(self.dropout),
-            nn.Linear(channels, self.out_features),
-        )
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Logits, one row per image of a uint8 ``(N, 3, image_size, image_size)`` batch."""
-        x = images.float() * self.scale + self.shift
-        if self.training:
-            x = augment(x)
-        # NHWC lets the convolutions use their fastest kernels on CPU (oneDNN) and on GPU tensor cores.
-        return self.head(self.features(x.contiguous(memory_format=torch.channels_last)))
-
-    def architecture(self) -> dict[str, Any]:
-        """What `from_architecture` needs to rebuild this network (saved in ``model_config.json``)."""
-        return {
-            "name": "image_cnn",
-            "out_features": self.out_features,
-            "image_size": self.image_size,
-            "mean": self.mean,
-            "std": self.std,
-            "widths": self.widths,
-            "dropout": self.dropout,
-        }
-
-    @classmethod
-    def from_architecture(cls, architecture: Mapping[str, Any]) -> ImageCNN:
-        """The network an `architecture` block describes, with fresh weights; load ``model.pth`` into it."""
-        if architecture.get("name") != "image_cnn":
-            raise ValueError(f"not an image_cnn architecture: {architecture.get('name')!r}")
-        return cls(
-            out_features=int(architecture["out_features"]),
-            image_size=int(architecture["image_size"]),
-            mean=architecture["mean"],
-            std=architecture["std"],
-            widths=architecture.get("widths"),
-            dropout=float(architecture.get("dropout", 0.0)),
-        )
-
-
-def augment(images: torch.Tensor) -> torch.Tensor:
-    """A random horizontal flip and a random shift of up to an eighth of the side, per image.
-
-    Parameters
-    ----------
-    images
-        Float ``(N, C, S, S)``, already normalised; the shift fills with reflected pixels.
-
-    Returns
-    -------
-    torch.Tensor
-        The same shape; randomness from torch's global RNG on the images' device.
-    """
-    count, channels, height, width = images.shape
-    device = images.device
-    flip = torch.rand(count, device=device) < 0.5
-    images = torch.where(flip.view(-1, 1, 1, 1), images.flip(3), images)
-    pad = min(height, width) // 8
-    if pad == 0:
-        return images
-    padded = functional.pad(images, (pad, pad, pad, pad), mode="reflect")
-    top = torch.randint(0, 2 * pad + 1, (count, 1), device=device)
-    left = torch.randint(0, 2 * pad + 1, (count, 1), device=device)
-    rows = (top + torch.arange(height, device=device)).view(count, 1, height, 1)
-    columns = (left + torch.arange(width, device=device)).view(count, 1, 1, width)
-    batch = torch.arange(count, device=device).view(count, 1, 1, 1)
-    channel = torch.arange(channels, device=device).view(1, channels, 1, 1)
-    return padded[batch, channel, rows, columns]
-
-
-def encode_image_instances(instances: Sequence[Any], size: int) -> np.ndarray:
+def encode_image_instances(instances: Sequence[Any], size: int, crop: float = 1.0) -> np.ndarray:
     """Check and decode request instances (contract, "Serving") as training decoded its images.
 
     Parameters
@@ -577,6 +409,8 @@ def encode_image_instances(instances: Sequence[Any], size: int) -> np.ndarray:
         are ignored.
     size
         The model's image size.
+    crop
+        The model's centre crop (`decode_image`).
 
     Returns
     -------
@@ -608,7 +442,7 @@ def encode_image_instances(instances: Sequence[Any], size: int) -> np.ndarray:
         if not data:
             raise ValueError(f'instance {i}: "image" is empty')
         try:
-            output[i] = decode_image(data, size, f"instance {i}")
+            output[i] = decode_image(data, size, f"instance {i}", crop)
         except UndecodableImage as error:
             raise ValueError(f'instance {i}: "image" is not a decodable image: {error.reason}') from None
     return output

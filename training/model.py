@@ -3,7 +3,7 @@
 - `TabularMLP` (the tabular recipe): numbers, one-hot categories and bags of words in one matrix.
 - `TextBiLSTM` (the text recipe): each text feature's tokens in order, read by a bidirectional LSTM, beside
   the other features' matrix.
-- ``images.ImageCNN`` (the image recipe), in ``images.py`` beside the Pillow decoding it is trained and served with.
+- ``image_cnn.ImageCNN`` (the image recipe), over the uint8 squares ``images.py`` decodes with Pillow.
 
 Shipped with the model (``code/model.py``): `inference.py` rebuilds the network from the saved architecture.
 """
@@ -234,7 +234,7 @@ def build_model(architecture: Mapping[str, Any]) -> nn.Module:
     architecture
         What the network's ``architecture()`` returned: ``{"name": "tabular_mlp", "in_features",
         "out_features", "hidden_units", "dropout", "linear_path"}``, or ``"text_bilstm"`` with ``vocabulary_sizes``,
-        ``embedding_dim`` and ``sequence_units`` too, or ``"image_cnn"`` (``images.ImageCNN``).
+        ``embedding_dim`` and ``sequence_units`` too, or ``"image_cnn"`` (``image_cnn.ImageCNN``).
 
     Returns
     -------
@@ -245,7 +245,7 @@ def build_model(architecture: Mapping[str, Any]) -> nn.Module:
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; this model.py knows {', '.join(ARCHITECTURES)}")
     if name == "image_cnn":
-        from images import ImageCNN  # only image models need Pillow
+        from image_cnn import ImageCNN  # only image models need Pillow
 
         return ImageCNN.from_architecture(architecture)
     common = {

@@ -22,13 +22,14 @@ TRAINING = ROOT / "training"
 
 
 def _import_images():
-    # As in /opt/ml/code: images.py imports `data` top-level. Both are forgotten afterwards so other tests
-    # import their own; this module keeps its reference, and DataError is always `images.DataError`.
-    names = ("data", "images")
+    # As in /opt/ml/code: images.py imports `data` top-level, image_cnn.py `images`. All are forgotten
+    # afterwards so other tests import their own; this module keeps its references, and DataError is always
+    # `images.DataError`.
+    names = ("data", "images", "image_cnn")
     saved = {name: sys.modules.pop(name) for name in names if name in sys.modules}
     sys.path.insert(0, str(TRAINING))
     try:
-        return importlib.import_module("images")
+        return importlib.import_module("images"), importlib.import_module("image_cnn")
     finally:
         sys.path.remove(str(TRAINING))
         for name in names:
@@ -36,7 +37,7 @@ def _import_images():
         sys.modules.update(saved)
 
 
-images = _import_images()
+images, image_cnn = _import_images()
 DataError = images.DataError
 RED, BLUE, GREEN, WHITE = (220, 20, 20), (20, 20, 220), (20, 200, 20), (255, 255, 255)
 
@@ -289,17 +290,17 @@ def test_channel_statistics_per_channel_in_unit_range():
     batch[:, 0] = 255  # red always full: mean 1, std 0 -> 1
     batch[:2, 1] = 255  # green half the images: mean 0.5, std 0.5
     batch[:, 2, 0, :] = 51  # blue 0.2 on half the pixels
-    mean, std = images.channel_statistics(batch)
+    mean, std = image_cnn.channel_statistics(batch)
     assert mean == pytest.approx([1.0, 0.5, 0.1])
     assert std == pytest.approx([1.0, 0.5, 0.1])
     pixels = np.random.default_rng(0).integers(0, 256, (50, 3, 8, 8), dtype=np.uint8)
-    mean, std = images.channel_statistics(pixels)
+    mean, std = image_cnn.channel_statistics(pixels)
     expected = pixels.astype(np.float64).transpose(1, 0, 2, 3).reshape(3, -1) / 255
     assert mean == pytest.approx(expected.mean(axis=1).tolist())
     assert std == pytest.approx(expected.std(axis=1).tolist())
     json.dumps({"mean": mean, "std": std})
     with pytest.raises(ValueError, match="non-empty uint8"):
-        images.channel_statistics(np.zeros((0, 3, 2, 2), dtype=np.uint8))
+        image_cnn.channel_statistics(np.zeros((0, 3, 2, 2), dtype=np.uint8))
 
 
 # --- serving: the request's instances -------------------------------------------------------------------
@@ -364,21 +365,21 @@ def random_images(count: int, size: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_cnn_shapes_and_default_widths():
-    assert images.default_widths(64) == [32, 64, 128, 256]
-    assert images.default_widths(32) == [32, 64, 128]
-    assert images.default_widths(16) == [32, 64]
+    assert image_cnn.default_widths(64) == [32, 64, 128, 256]
+    assert image_cnn.default_widths(32) == [32, 64, 128]
+    assert image_cnn.default_widths(16) == [32, 64]
     torch.manual_seed(0)
     for size in (8, 13, 32):
-        model = images.ImageCNN(out_features=5, image_size=size, widths=(8, 16))
+        model = image_cnn.ImageCNN(out_features=5, image_size=size, widths=(8, 16))
         assert model(random_images(3, size)).shape == (3, 5)
-    model = images.ImageCNN(out_features=3, image_size=32).eval()
+    model = image_cnn.ImageCNN(out_features=3, image_size=32).eval()
     with torch.no_grad():
         assert model(random_images(2, 32)).shape == (2, 3)
 
 
 def test_eval_is_deterministic_and_training_mode_augments():
     torch.manual_seed(0)
-    model = images.ImageCNN(out_features=4, image_size=16, widths=(8, 16), dropout=0.0)
+    model = image_cnn.ImageCNN(out_features=4, image_size=16, widths=(8, 16), dropout=0.0)
     batch = random_images(8, 16)
     with torch.no_grad():
         model.eval()
@@ -398,9 +399,9 @@ def test_eval_is_deterministic_and_training_mode_augments():
 def test_augment_flips_and_shifts_without_inventing_pixels():
     torch.manual_seed(0)
     flat = torch.full((4, 3, 16, 16), 0.7)
-    assert torch.equal(images.augment(flat), flat)  # reflection padding keeps a constant image constant
+    assert torch.equal(image_cnn.augment(flat), flat)  # reflection padding keeps a constant image constant
     ramp = torch.arange(16.0).repeat(64, 3, 16, 1)  # value = column index
-    shifted = images.augment(ramp)
+    shifted = image_cnn.augment(ramp)
     rows = shifted[:, 0, 0, :]
     steps = rows[:, 1:] - rows[:, :-1]
     # Each row is the ramp, mirrored or not, moved by at most 2 (= 16 / 8) with reflected edges.
@@ -411,7 +412,7 @@ def test_augment_flips_and_shifts_without_inventing_pixels():
 
 def test_architecture_round_trip_gives_identical_outputs():
     torch.manual_seed(0)
-    model = images.ImageCNN(3, image_size=16, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3], widths=(8, 16))
+    model = image_cnn.ImageCNN(3, image_size=16, mean=[0.4, 0.5, 0.6], std=[0.2, 0.25, 0.3], widths=(8, 16))
     model.train()
     model(random_images(16, 16))  # move BatchNorm's running statistics off their defaults
     model.eval()
@@ -425,14 +426,14 @@ def test_architecture_round_trip_gives_identical_outputs():
         "widths": [8, 16],
         "dropout": 0.2,
     }
-    rebuilt = images.ImageCNN.from_architecture(architecture)
+    rebuilt = image_cnn.ImageCNN.from_architecture(architecture)
     rebuilt.load_state_dict(model.state_dict())
     rebuilt.eval()
     batch = random_images(5, 16, seed=3)
     with torch.no_grad():
         assert torch.equal(rebuilt(batch), model(batch))
     with pytest.raises(ValueError, match="not an image_cnn"):
-        images.ImageCNN.from_architecture({"name": "tabular_mlp"})
+        image_cnn.ImageCNN.from_architecture({"name": "tabular_mlp"})
 
 
 def stripes(count: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -458,8 +459,8 @@ def test_cnn_learns_synthetic_image_classes_quickly():
     torch.manual_seed(0)
     train_images, train_labels = stripes(384, 16, seed=0)
     test_images, test_labels = stripes(150, 16, seed=1)
-    mean, std = images.channel_statistics(train_images.numpy())
-    model = images.ImageCNN(3, image_size=16, mean=mean, std=std, widths=(16, 32), dropout=0.1)
+    mean, std = image_cnn.channel_statistics(train_images.numpy())
+    model = image_cnn.ImageCNN(3, image_size=16, mean=mean, std=std, widths=(16, 32), dropout=0.1)
     optimiser = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-4)
     started = time.perf_counter()
     for _ in range(6):
