@@ -108,3 +108,40 @@ def record_base(folder: Path, name: str = "tiny") -> str:
     manifest = hub.build_manifest(name, info, hashes)
     (folder / hub.MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
     return manifest["digest"]
+
+
+def save_tiny_image_model(folder: Path, family: str = "vit", image_size: int = 16, labels: int = 10) -> Path:
+    """Save a tiny random-initialised image classifier (`family` "vit" or "resnet", with a head for `labels`
+    classes as an ImageNet model has its own) and its image processor's config to `folder`; returns it.
+
+    The ViT's processor resizes to a fixed size, as ViT's do; the ResNet's resizes the shorter side and crops
+    87.5% of it, as microsoft/resnet-50's ConvNeXt-style processor does."""
+    import torch
+    from transformers import (
+        ConvNextImageProcessor,
+        ResNetConfig,
+        ResNetForImageClassification,
+        ViTConfig,
+        ViTForImageClassification,
+        ViTImageProcessor,
+    )
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    if family == "vit":
+        config = ViTConfig(
+            image_size=image_size, patch_size=4, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=32, num_labels=labels,
+        )  # fmt: skip
+        model = ViTForImageClassification(config)
+        processor = ViTImageProcessor(size={"height": image_size, "width": image_size})
+    elif family == "resnet":
+        config = ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=labels)
+        model = ResNetForImageClassification(config)
+        processor = ConvNextImageProcessor(size={"shortest_edge": image_size}, crop_pct=0.875)
+    else:
+        raise ValueError(family)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

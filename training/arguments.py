@@ -125,7 +125,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default="auto",
         choices=("auto", *RECIPES),
         help="tabular (an MLP; text as bags of words), text (a BiLSTM reads text in order), image (a "
-        "CNN; image datasets only) or pretrained (fine-tunes base_model); auto: the manifest's recipe",
+        "CNN; image datasets only), pretrained (fine-tunes base_model on text) or pretrained_image "
+        "(fine-tunes base_model on images); auto: the manifest's recipe",
     )
     # Defaults of None are the recipe's (recipes.DEFAULTS; the pretrained recipe's differ).
     hyper.add_argument("--epochs", type=int, default=None)

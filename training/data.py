@@ -159,6 +159,7 @@ class Encoder:
         text_encoding: str = "bag_of_words",
         sequence_length: int = 0,
         image_size: int = 64,
+        image_crop: float = 1.0,
     ) -> Encoder:
         """Build the encoder from a manifest (contract section 2).
 
@@ -174,8 +175,9 @@ class Encoder:
             manifest lists them first); None keeps them all.
         text_encoding, sequence_length
             How text features are encoded (see the class).
-        image_size
-            The side of the square an image feature is decoded to.
+        image_size, image_crop
+            The side of the square an image feature is decoded to, and the share of each image's shorter
+            side its centre square keeps (a base model's preprocessing, `hf_image.preprocessing`).
 
         Returns
         -------
@@ -190,7 +192,10 @@ class Encoder:
                 continue
             stats = column.get("stats") or {}
             if column["type"] == "image":
-                features.append({"name": column["name"], "type": "image", "image_size": int(image_size)})
+                image = {"name": column["name"], "type": "image", "image_size": int(image_size)}
+                if image_crop != 1.0:
+                    image["crop"] = float(image_crop)
+                features.append(image)
             elif column["type"] == "numeric":
                 features.append(
                     {
@@ -382,8 +387,8 @@ class Encoder:
         if self.image:
             from images import decode_images  # only image models need Pillow
 
-            size = self.image["image_size"]
-            return (decode_images(columns[self.image["name"]], size, list(entries) or None),)
+            size, crop = self.image["image_size"], self.image.get("crop", 1.0)
+            return (decode_images(columns[self.image["name"]], size, list(entries) or None, crop=crop),)
         if self.text_encoding == "pretrained":
             return self.encode_texts(self.row_texts(columns, rows))
         if self.sequences:
@@ -454,7 +459,7 @@ class Encoder:
         if self.image:
             from images import encode_image_instances
 
-            return (encode_image_instances(instances, self.image["image_size"]),)
+            return (encode_image_instances(instances, self.image["image_size"], self.image.get("crop", 1.0)),)
         columns: dict[str, list[Any]] = {name: [] for name in self.feature_names}
         for i, instance in enumerate(instances):
             if not isinstance(instance, Mapping):

@@ -118,7 +118,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _quiet() -> None:
+def quiet() -> None:
     # A job's log is a file: transformers' per-file progress bars only clutter it.
     try:
         from transformers.utils import logging as transformers_logging
@@ -136,7 +136,7 @@ def load_tokenizer(directory: str | Path) -> Any:
     """The base model's own tokenizer, padding on the right (a batch is cut to its longest row)."""
     from transformers import AutoTokenizer
 
-    _quiet()
+    quiet()
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     tokenizer.padding_side = "right"
     return tokenizer
@@ -145,7 +145,7 @@ def load_tokenizer(directory: str | Path) -> Any:
 def build_encoder(args: argparse.Namespace, manifest: dict[str, Any], splits: dict[str, Split]) -> Encoder:
     """The pretrained encoding of the dataset, with the base's tokenizer; `args.max_length` is settled to
     what the base can read (its position embeddings)."""
-    _quiet()
+    quiet()
     from transformers import AutoConfig
 
     digest = verify_base(args.base, args.base_model_digest)
@@ -257,7 +257,7 @@ def build_classifier(args: argparse.Namespace, encoder: Encoder) -> SequenceClas
     """The base model with a new head for the encoder's task, as `args.adapter` trains it."""
     from transformers import AutoModelForSequenceClassification
 
-    _quiet()
+    quiet()
     classification = encoder.task == "classification"
     names = (
         {
@@ -265,11 +265,10 @@ def build_classifier(args: argparse.Namespace, encoder: Encoder) -> SequenceClas
             "label2id": {str(label): i for i, label in enumerate(encoder.labels)},
         }
         if classification
-        else {}
+        else {"num_labels": 1}  # a classifier's count follows from id2label (both warn if a head differs)
     )
     model, loading = AutoModelForSequenceClassification.from_pretrained(
         str(args.base),
-        num_labels=encoder.output_width,
         problem_type="single_label_classification" if classification else "regression",
         ignore_mismatched_sizes=True,  # a base fine-tuned before brings a head of another size
         output_loading_info=True,

@@ -8,6 +8,7 @@ exactly the encoding of training, from the encoder saved in ``model_config.json`
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ MAX_INSTANCES = 10_000
 JSON_TYPE = "application/json"
 SUPPORTED_FORMAT_VERSION = 1
 PREDICT_BATCH_ROWS = 8_192
+# A fine-tuned base model's architecture, and the module whose load_classifier loads it from hf/.
+PRETRAINED_LOADERS = {"hf_sequence_classifier": "hf_text", "hf_image_classifier": "hf_image"}
 
 try:
     # In the serving container this sets the HTTP status; a plain exception there would answer 500.
@@ -84,11 +87,10 @@ def model_fn(model_dir: str) -> LoadedModel:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     encoder = Encoder.from_config(config)
     network: torch.nn.Module
-    if config["architecture"].get("name") == "hf_sequence_classifier":
-        from hf_text import load_classifier  # a fine-tuned base model: its weights are in hf/
-
-        network = load_classifier(directory, config["architecture"])
-        encoder.tokenizer = network.tokenizer
+    loader = PRETRAINED_LOADERS.get(config["architecture"].get("name"))
+    if loader is not None:  # a fine-tuned base model: its weights are in hf/
+        network = importlib.import_module(loader).load_classifier(directory, config["architecture"])
+        encoder.tokenizer = getattr(network, "tokenizer", None)
     else:
         network = build_model(config["architecture"])
         network.load_state_dict(torch.load(directory / "model.pth", map_location=device, weights_only=True))

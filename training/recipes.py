@@ -7,6 +7,7 @@ its hyperparameter defaults; `train.py` runs any of them the same way, and `loop
 - ``text``: a BiLSTM reads each text feature's tokens in order.
 - ``image``: a CNN for a dataset of class folders of images (`images`).
 - ``pretrained``: fine-tunes a base model from the hub (`hf_text`: a Transformer encoder for text).
+- ``pretrained_image``: fine-tunes an image backbone from the hub (`hf_image`) on a dataset of images.
 
 A new family is a new module and one `register` call here, not another branch in `train.py`.
 """
@@ -283,7 +284,7 @@ def _image_encoder(args: argparse.Namespace, manifest: dict[str, Any], splits: S
 
 
 def _image_network(args: argparse.Namespace, encoder: Encoder, train_inputs: Any) -> nn.Module:
-    from images import ImageCNN, channel_statistics
+    from image_cnn import ImageCNN, channel_statistics
 
     # Normalised by the train images' channel statistics.
     assert encoder.image is not None
@@ -308,8 +309,8 @@ register(
 def _pretrained_unsuitable(types: set[str]) -> str | None:
     if "image" in types:
         return (
-            "the pretrained recipe fine-tunes text encoders, and this dataset is images: train it with the "
-            "image recipe (fine-tuning image backbones from the hub is not built yet)"
+            "the pretrained recipe fine-tunes text encoders, and this dataset is images: the "
+            "pretrained_image recipe fine-tunes image backbones (chosen when conveyor.json names base_model)"
         )
     return None
 
@@ -340,6 +341,43 @@ register(
         encoder=_pretrained_encoder,
         network=_pretrained_network,
         defaults=_pretrained_defaults,
+        single_thread=False,
+    )
+)
+
+
+# ------------------------------------------------------------------------------------ pretrained_image
+
+
+def _pretrained_image_unsuitable(types: set[str]) -> str | None:
+    if "image" not in types:
+        return (
+            "the pretrained_image recipe fine-tunes image backbones on datasets of images (a zip of class "
+            "folders), and this dataset has none: the pretrained recipe fine-tunes text encoders"
+        )
+    return None
+
+
+def _pretrained_image_encoder(args: argparse.Namespace, manifest: dict[str, Any], splits: Splits) -> Encoder:
+    import hf_image  # transformers is imported only when a base model trains
+
+    return hf_image.build_encoder(args, manifest, splits)
+
+
+def _pretrained_image_network(args: argparse.Namespace, encoder: Encoder, train_inputs: Any) -> nn.Module:
+    import hf_image
+
+    return hf_image.build_classifier(args, encoder)
+
+
+register(
+    Recipe(
+        "pretrained_image",
+        unsuitable=_pretrained_image_unsuitable,
+        read_splits=_image_splits,
+        encoder=_pretrained_image_encoder,
+        network=_pretrained_image_network,
+        defaults=_pretrained_defaults,  # the text encoders' fine-tuning defaults suit ViTs and CNNs alike
         single_thread=False,
     )
 )

@@ -74,7 +74,15 @@ __all__ = [
 log = logging.getLogger("train")
 HERE = Path(__file__).resolve().parent
 # What `code/` in model.tar.gz needs for the SageMaker PyTorch serving container to load the model.
-SERVING_FILES = ("inference.py", "model.py", "data.py", "images.py", "hf_text.py")
+SERVING_FILES = (
+    "inference.py",
+    "model.py",
+    "data.py",
+    "images.py",
+    "image_cnn.py",
+    "hf_text.py",
+    "hf_image.py",
+)
 SERVING_REQUIREMENTS = (
     "# The AWS PyTorch inference image provides torch, numpy and Pillow (image models); inference.py needs\n"
     "# nothing else.\n"
@@ -85,8 +93,8 @@ MEMORY_SHARE = 0.5
 
 
 def choose_recipe(args: argparse.Namespace, manifest: dict[str, Any]) -> recipes.Recipe:
-    """The recipe to train: the hyperparameter's, else the manifest's (the pretrained recipe whenever a base
-    model is named). Also settles `args.recipe` and `args.max_vocabulary`.
+    """The recipe to train: the hyperparameter's, else the manifest's (a pretrained recipe whenever a base
+    model is named: pretrained_image for images, pretrained for the rest). Also settles `args.recipe` and `args.max_vocabulary`.
 
     Raises
     ------
@@ -94,14 +102,14 @@ def choose_recipe(args: argparse.Namespace, manifest: dict[str, Any]) -> recipes
         For a recipe that cannot train this dataset, or a manifest recipe this code lacks.
     """
     name = manifest.get("recipe", "tabular") if args.recipe == "auto" else args.recipe
+    types = {c.get("type") for c in manifest["columns"] if c.get("role") == "feature"}
     if args.base_model:
-        name = "pretrained"
-    elif name == "pretrained":
+        name = "pretrained_image" if "image" in types else "pretrained"
+    elif name in ("pretrained", "pretrained_image"):
         raise ConfigurationError(
             "the pretrained recipe fine-tunes a base model, and none is named: set base_model in conveyor.json"
         )
     recipe = recipes.get(name)
-    types = {c.get("type") for c in manifest["columns"] if c.get("role") == "feature"}
     reason = recipe.unsuitable(types)
     if reason:
         raise ConfigurationError(reason)

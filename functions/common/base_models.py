@@ -88,6 +88,19 @@ IMAGE_CLASSIFICATION_TYPES = frozenset(
 )
 
 
+# Image classification types conveyor does not fine-tune, and why.
+IMAGE_TYPES_REFUSED = {
+    "timm_wrapper": "timm checkpoints need timm and torchvision in the training image, which conveyor does "
+    "not ship yet; push a transformers-native backbone (ViT, ConvNeXt, ResNet ...) instead",
+    "imagegpt": "ImageGPT reads colour-cluster tokens, not pixels; choose a backbone such as ViT or ConvNeXt",
+    "perceiver": "Perceiver's image classifiers take preprocessing conveyor does not do; choose a backbone "
+    "such as ViT or ConvNeXt",
+    "shieldgemma2": "ShieldGemma 2 is a vision-language safety classifier, not a backbone to fine-tune; "
+    "choose one such as ViT or ConvNeXt",
+}
+IMAGE_PROCESSOR_FILE = "preprocessor_config.json"
+
+
 class BaseModelRefused(Exception):
     """A base model that cannot be fine-tuned as asked; ``reason`` says what is wrong and what to do."""
 
@@ -171,11 +184,11 @@ class BaseModelInfo:
 
     location: str
     model_type: str
-    kind: str  # "text"
+    kind: str  # "text" or "image"
     parameters: int
     weight_bytes: int
     weight_files: list[str]
-    tokenizer_files: list[str]
+    tokenizer_files: list[str]  # or, for an image model, its image processor's config
     architectures: list[str] = field(default_factory=list)
     digest: str = ""  # sha256 over every file's name and content (conveyor-base.json), or over names, sizes
 
@@ -222,7 +235,7 @@ def locate(base_model: str, artifacts_bucket: str) -> tuple[str, str]:
 
 def inspect(
     files: BaseModelFiles,
-    task_kind: str = "text",
+    task_kind: str | None = None,
     instance_type: str | None = None,
     adapter: str = "full",
     memory_gib: float | None = None,
@@ -234,7 +247,8 @@ def inspect(
     files
         Where the model is.
     task_kind
-        ``"text"`` (sequence classification or regression) or ``"image"``.
+        ``"text"`` (sequence classification or regression) or ``"image"`` (image classification); None
+        (`conveyor base-models push`, before any dataset names it) takes the kind the model type says.
     instance_type
         The training instance; its memory (`instance_memory`) bounds the model's size.
     adapter
@@ -250,24 +264,22 @@ def inspect(
     ------
     BaseModelRefused
         For a missing or corrupt ``config.json``, missing or unreadable weights, weights only in pickle
-        form, a missing tokenizer, an architecture that does not fit the task, or a model too large for
-        the instance; the reason says what to do.
+        form, a missing tokenizer (text) or image processor config (images), an architecture that does not
+        fit the task, or a model too large for the instance; the reason says what to do.
     """
     where = files.location
     sizes = files.sizes()
     if not sizes:
         raise BaseModelRefused(
             f"no base model at {where}: push one with `conveyor base-models push DIR --name BASE` "
-            "(`conveyor base-models list` shows what the hub has)"
+            "(`conveyor base-models list` shows the hub)"
         )
     config = _config(files, sizes)
     model_type = str(config["model_type"])
-    if task_kind == "image":
-        raise BaseModelRefused(
-            f"base model at {where} is a {model_type!r} model, and conveyor does not fine-tune image base "
-            "models yet: remove base_model from conveyor.json to train the image recipe's CNN"
-        )
-    if model_type not in SEQUENCE_CLASSIFICATION_TYPES:
+    kind = task_kind or ("image" if model_type in IMAGE_CLASSIFICATION_TYPES else "text")
+    if kind == "image":
+        _check_image_type(model_type, where)
+    elif model_type not in SEQUENCE_CLASSIFICATION_TYPES:
         what = "an image model" if model_type in IMAGE_CLASSIFICATION_TYPES else "a model"
         raise BaseModelRefused(
             f"base model at {where} is {what} of type {model_type!r}, which transformers cannot fine-tune "
@@ -275,19 +287,58 @@ def inspect(
             "encoder such as BERT, DistilBERT, RoBERTa, MiniLM or DeBERTa"
         )
     weights, parameters, weight_bytes = _weights(files, sizes)
-    tokenizer = _tokenizer(files, sizes)
+    preparation = _tokenizer(files, sizes) if kind == "text" else _image_processor(files, sizes)
     estimate_fit(parameters, instance_type, adapter, where, memory_gib)
     return BaseModelInfo(
         location=where,
         model_type=model_type,
-        kind=task_kind,
+        kind=kind,
         parameters=parameters,
         weight_bytes=weight_bytes,
         weight_files=weights,
-        tokenizer_files=tokenizer,
+        tokenizer_files=preparation,
         architectures=[str(a) for a in config.get("architectures") or []],
         digest=_recorded_digest(files, sizes),
     )
+
+
+def _check_image_type(model_type: str, where: str) -> None:
+    if model_type in IMAGE_TYPES_REFUSED:
+        raise BaseModelRefused(
+            f"base model at {where} is of type {model_type!r}: {IMAGE_TYPES_REFUSED[model_type]}"
+        )
+    if model_type not in IMAGE_CLASSIFICATION_TYPES:
+        what = "a text model" if model_type in SEQUENCE_CLASSIFICATION_TYPES else "a model"
+        raise BaseModelRefused(
+            f"base model at {where} is {what} of type {model_type!r}, which transformers cannot fine-tune "
+            "for image classification (AutoModelForImageClassification): choose an image backbone such as "
+            "ViT, DeiT, ConvNeXt, ResNet, RegNet, EfficientNet or Swin"
+        )
+
+
+def _image_processor(files: BaseModelFiles, sizes: Mapping[str, int]) -> list[str]:
+    # The training job prepares images as this file says (training/hf_image.py: size, crop, mean, std).
+    name = IMAGE_PROCESSOR_FILE
+    if name not in sizes:
+        raise BaseModelRefused(
+            f"base model at {files.location} has no {name}, which says how its images are prepared "
+            "(size, crop, mean and std): save its image processor beside the model with "
+            "image_processor.save_pretrained(DIR)"
+        )
+    try:
+        if sizes[name] > SMALL_FILE_BYTES:
+            raise ValueError("too large")
+        config = json.loads(files.read(name))
+        size = config["size"]
+        side = size.get("shortest_edge", size.get("height")) if isinstance(size, dict) else size
+        if isinstance(side, bool) or not isinstance(side, (int, float)) or side < 1:
+            raise ValueError(f"size {size!r}")
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError):
+        raise BaseModelRefused(
+            f"{_join(files.location, name)} is not an image processor config with a size (e.g. "
+            '{"size": {"shortest_edge": 224}}): save it again with image_processor.save_pretrained'
+        ) from None
+    return [name]
 
 
 def _config(files: BaseModelFiles, sizes: Mapping[str, int]) -> dict[str, Any]:

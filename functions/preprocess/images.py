@@ -233,10 +233,16 @@ def preprocess_zip(
 
 def _check_spec(spec: DatasetSpec) -> list[str]:
     """What conveyor.json may say about a zip; the `inferred` entries it starts with."""
-    if spec.recipe not in (None, "image"):
+    if spec.recipe not in (None, "image") and not (spec.recipe == "pretrained" and spec.base_model):
         raise DatasetRejected(
             f"conveyor.json says recipe {spec.recipe!r}, which trains on CSV or JSON Lines; a zip of class "
             "folders trains with recipe 'image': set recipe to 'image', or remove it"
+        )
+    if spec.base_model is not None and (spec.max_length is not None or spec.columns):
+        raise DatasetRejected(
+            "conveyor.json: max_length and columns are about text and tables; a zip of class folders "
+            "fine-tunes its base model on the images as the base's preprocessor_config.json prepares them: "
+            "remove them"
         )
     if spec.target not in (None, TARGET):
         raise DatasetRejected(
@@ -248,6 +254,8 @@ def _check_spec(spec: DatasetSpec) -> list[str]:
             f"conveyor.json says task {spec.task!r}, but a zip of class folders is a classification "
             "dataset: remove task from conveyor.json, or set it to 'classification'"
         )
+    if spec.base_model is not None:
+        return [f"recipe: pretrained_image (base_model {spec.base_model!r} fine-tuned on the images)"]
     if spec.recipe == "image":
         return ["recipe: image from conveyor.json"]
     return ["recipe: image (a zip of class folders)"]
@@ -519,7 +527,7 @@ def _manifest(
         "source": dict(provenance["source"]),
         "format": "zip",
         "task": "classification",
-        "recipe": "image",
+        "recipe": "pretrained_image" if spec.base_model is not None else "image",
         "target": TARGET,
         "labels": labels,
         "columns": [

@@ -113,7 +113,8 @@ def push(target: Target, folder: Path, name: str, progress: Any = None) -> Pushe
 
 
 def list_bases(target: Target) -> list[dict[str, Any]]:
-    """Every base in the hub: its name, model type, parameters, size and digest (from its manifest).
+    """Every base in the hub: its name, model type, kind (text or image), parameters, size and digest (from
+    its manifest).
 
     A folder without a manifest is listed with ``"complete": False``: the pipeline checks it file by file.
     """
@@ -134,6 +135,7 @@ def list_bases(target: Target) -> list[dict[str, Any]]:
                     "uri": f"s3://{bucket}/{prefix}",
                     "complete": True,
                     "model_type": manifest.get("model_type"),
+                    "kind": manifest.get("kind", "text"),
                     "parameters": manifest.get("parameters"),
                     "bytes": sum(int(f.get("bytes", 0)) for f in manifest.get("files", {}).values()),
                     "digest": manifest.get("digest"),
@@ -167,14 +169,14 @@ def print_table(bases: list[dict[str, Any]], out: Any = sys.stdout) -> None:
     if not bases:
         print("no base models yet: push one with `conveyor base-models push DIR --name BASE`", file=out)
         return
-    print(f"{'NAME':32} {'TYPE':16} {'PARAMETERS':>12} {'SIZE':>10}  DIGEST", file=out)
+    print(f"{'NAME':32} {'TYPE':16} {'KIND':6} {'PARAMETERS':>12} {'SIZE':>10}  DIGEST", file=out)
     for base in bases:
         if not base["complete"]:
             print(f"{base['name']:32} {'(incomplete: no manifest)':42}", file=out)
             continue
         params = f"{base['parameters'] / 1e6:,.1f}M" if base.get("parameters") else "?"
         print(
-            f"{base['name']:32} {base['model_type']!s:16} {params:>12} "
+            f"{base['name']:32} {base['model_type']!s:16} {base.get('kind', 'text'):6} {params:>12} "
             f"{base['bytes'] / 2**20:>8,.1f}MB  {base['digest']}",
             file=out,
         )

@@ -152,7 +152,7 @@ def _show_predictions(target: Target, dataset: str, result: dict[str, Any]) -> N
     bucket = target.outputs["ProcessedBucketName"]
     manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"{prefix}/manifest.json")["Body"].read())
     column = manifest["target"]
-    if manifest.get("recipe") == "image":
+    if manifest.get("format") == "zip":  # the image and pretrained_image recipes
         # The split zip's images, as many as one request carries (the API takes 5 MiB of JSON).
         body = s3.get_object(Bucket=bucket, Key=f"{prefix}/test/part-00000.zip")["Body"].read()
         rows, instances, size = [], [], 0

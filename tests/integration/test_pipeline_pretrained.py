@@ -1,18 +1,22 @@
 """A base model through the whole local stack (issue 17): pushed to the hub, named by a dataset's
-conveyor.json, fine-tuned by the training job, deployed, answering over the API; and a base that cannot be
-fine-tuned fails the execution before any training job starts."""
+conveyor.json, fine-tuned by the training job, deployed, answering over the API (a text encoder on a table,
+an image backbone on a zip of class folders); and a base that cannot be fine-tuned fails the execution
+before any training job starts."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import io
 import json
 import random
+import zipfile
 
 import boto3
 import pytest
 from local_stack import aws, signed_post, wait_for_execution
-from tiny_models import save_tiny_encoder
+from samples import SHAPES, image_suffix, shape_image
+from tiny_models import save_tiny_encoder, save_tiny_image_model
 
 from conveyor import base_models
 from conveyor.client import Target
@@ -103,3 +107,41 @@ def test_a_base_model_missing_from_the_hub_fails_before_any_training_job(cloud):
     name = json.loads(execution["input"])["names"]["training_job"]
     jobs = aws(cloud.outputs, "sagemaker").list_training_jobs(NameContains=name)["TrainingJobSummaries"]
     assert jobs == []
+
+
+def test_an_image_backbone_from_the_hub_fine_tunes_on_a_zip_and_answers_base64_images(cloud, tmp_path):
+    stack = target(cloud.outputs)
+    base_models.push(stack, save_tiny_image_model(tmp_path / "vit", "vit"), "tiny-vit")
+    rng = random.Random(5)
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zipped:
+        for kind in SHAPES:
+            for i in range(40):
+                data = shape_image(kind, rng)
+                zipped.writestr(f"{kind}/{i}{image_suffix(data)}", data)
+    spec = {
+        "base_model": "tiny-vit",
+        "hyperparameters": {"epochs": 12, "learning_rate": 0.003, "patience": 12},
+    }
+    s3, raw = aws(cloud.outputs, "s3"), cloud.outputs["RawBucketName"]
+    s3.put_object(Bucket=raw, Key="datasets/glyphs/conveyor.json", Body=json.dumps(spec).encode())
+    s3.put_object(Bucket=raw, Key="datasets/glyphs/glyphs.zip", Body=archive.getvalue())
+    execution = wait_for_execution(
+        aws(cloud.outputs, "stepfunctions"), cloud.outputs["StateMachineArn"], "glyphs-", timeout=600
+    )
+    summary = json.loads(execution["output"])
+    assert summary["outcome"] == "deployed", execution.get("cause")
+    name = json.loads(execution["input"])["names"]["training_job"]
+    job = aws(cloud.outputs, "sagemaker").describe_training_job(TrainingJobName=name)
+    channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in job["InputDataConfig"]}
+    assert channels["base"].endswith("/base-models/tiny-vit/")
+    log = (cloud.workdir / "training" / name / "training.log").read_text()
+    assert "pretrained_image recipe" in log and "resized to 16x16" in log
+
+    fresh = random.Random(99)
+    kinds = [fresh.choice(SHAPES) for _ in range(30)]
+    instances = [{"image": base64.b64encode(shape_image(kind, fresh)).decode()} for kind in kinds]
+    response = signed_post(cloud.outputs, "/models/glyphs/predict", {"instances": instances})
+    assert response.status_code == 200, response.text
+    labels = [p["label"] for p in response.json()["predictions"]]
+    assert sum(label == kind for label, kind in zip(labels, kinds, strict=True)) >= 20, (labels, kinds)

@@ -11,7 +11,7 @@ from pathlib import Path
 import boto3
 import pytest
 from moto import mock_aws
-from tiny_models import save_tiny_encoder
+from tiny_models import save_tiny_encoder, save_tiny_image_model
 
 from common import base_models as hub
 from common import instances
@@ -102,13 +102,60 @@ def test_a_missing_tokenizer_is_refused(base):
 def test_an_architecture_that_does_not_fit_the_task_is_refused(base):
     config = json.loads((base / "config.json").read_text())
     (base / "config.json").write_text(json.dumps({**config, "model_type": "vit"}))
-    assert "is an image model of type 'vit'" in refusal(base)
+    assert "is an image model of type 'vit'" in refusal(base, task_kind="text")
     (base / "config.json").write_text(json.dumps({**config, "model_type": "whisper"}))
     assert "cannot fine-tune for text classification" in refusal(base)
 
 
 def test_a_text_base_for_an_image_dataset_is_refused(base):
-    assert "does not fine-tune image base models" in refusal(base, task_kind="image")
+    reason = refusal(base, task_kind="image")
+    assert (
+        "is a text model of type 'bert'" in reason and "cannot fine-tune for image classification" in reason
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_vit(tmp_path_factory) -> Path:
+    return save_tiny_image_model(tmp_path_factory.mktemp("vit"), "vit")
+
+
+@pytest.fixture
+def image_base(tmp_path, tiny_vit) -> Path:
+    """A copy of the tiny ViT to break."""
+    folder = tmp_path / "image-base"
+    folder.mkdir()
+    for path in tiny_vit.iterdir():
+        (folder / path.name).write_bytes(path.read_bytes())
+    return folder
+
+
+def test_an_image_backbone_passes_for_images_and_push_knows_it_is_one(tiny_vit, tmp_path):
+    for kind in ("image", None):  # None: `base-models push`, before any dataset names it
+        info = hub.inspect(hub.FolderFiles(tiny_vit), task_kind=kind, instance_type="ml.g5.xlarge")
+        assert info.kind == "image" and info.model_type == "vit"
+        assert info.tokenizer_files == ["preprocessor_config.json"]  # no tokenizer needed
+    resnet = hub.inspect(hub.FolderFiles(save_tiny_image_model(tmp_path / "r", "resnet")), task_kind="image")
+    assert resnet.model_type == "resnet" and resnet.parameters > 0
+    # An image backbone named for a table of text is refused as before.
+    assert "is an image model of type 'vit'" in refusal(tiny_vit, task_kind="text")
+
+
+def test_an_image_backbone_without_a_usable_processor_config_is_refused(image_base):
+    config = image_base / "preprocessor_config.json"
+    config.write_text("{not json")
+    assert "is not an image processor config with a size" in refusal(image_base, task_kind="image")
+    config.write_text(json.dumps({"size": {"longest_edge": 7}}))
+    assert "is not an image processor config with a size" in refusal(image_base, task_kind="image")
+    config.unlink()
+    assert "has no preprocessor_config.json" in refusal(image_base, task_kind="image")
+
+
+def test_image_model_types_conveyor_cannot_fine_tune_are_refused_with_the_reason(image_base):
+    config = json.loads((image_base / "config.json").read_text())
+    (image_base / "config.json").write_text(json.dumps({**config, "model_type": "timm_wrapper"}))
+    assert "timm checkpoints need timm and torchvision" in refusal(image_base, task_kind="image")
+    (image_base / "config.json").write_text(json.dumps({**config, "model_type": "whisper"}))
+    assert "cannot fine-tune for image classification" in refusal(image_base, task_kind="image")
 
 
 def test_a_model_too_large_for_the_instance_is_refused_with_what_to_do(base):
@@ -307,3 +354,25 @@ def test_the_instance_is_chosen_to_fit_the_base_when_the_spec_names_none(target,
     )
     assert "refused" not in four and four["training"]["base"]["memory"]["sharding"] == "fsdp"
     assert four["training"]["hyperparameters"]["sharding"] == "fsdp"
+
+
+def test_an_image_dataset_gets_an_image_backbone_and_is_refused_a_text_encoder(target, tiny_bert, tiny_vit):
+    from conveyor import base_models
+
+    base_models.push(target, tiny_vit, "tiny-vit")
+    base_models.push(target, tiny_bert, "tiny-bert")
+    listed = {b["name"]: b["kind"] for b in base_models.list_bases(target)}
+    assert listed == {"tiny-vit": "image", "tiny-bert": "text"}
+    table = io.StringIO()
+    base_models.print_table(base_models.list_bases(target), table)
+    assert "KIND" in table.getvalue() and " image " in table.getvalue()
+    settings = Settings(artifacts_bucket=BUCKET, processed_bucket="processed", training_use_spot="false")
+    manifest = {
+        "dataset": "pets", "version": "v1", "source": {}, "task": "classification", "target": "label",
+        "format": "zip", "recipe": "pretrained_image",
+    }  # fmt: skip
+    given = app._execution_input(manifest, DatasetSpec(base_model="tiny-vit"), settings)
+    assert "refused" not in given and given["training"]["base"]["model_type"] == "vit"
+    assert given["training"]["hyperparameters"]["base_model"] == "tiny-vit"
+    refused = app._execution_input(manifest, DatasetSpec(base_model="tiny-bert"), settings)
+    assert "is a text model of type 'bert'" in refused["refused"]["Cause"]

@@ -171,6 +171,16 @@ def test_integer_class_folders_give_integer_labels_and_the_spec_may_say_what_a_z
     ]
 
 
+def test_a_spec_naming_a_base_model_fine_tunes_it_on_the_images():
+    for spec in (DatasetSpec(base_model="tiny-vit"), DatasetSpec(base_model="tiny-vit", recipe="pretrained")):
+        manifest, _ = run(make_zip(two_classes()), spec)
+        assert manifest["recipe"] == "pretrained_image"
+        assert (
+            manifest["inferred"][0]
+            == "recipe: pretrained_image (base_model 'tiny-vit' fine-tuned on the images)"
+        )
+
+
 def test_duplicates_are_kept_when_the_spec_says_so():
     entries = two_classes()
     entries.append(("dog/again.png", entries[-1][1]))
@@ -219,6 +229,9 @@ def test_unusable_zips_are_rejected_with_a_reason(case, data, reason):
         (DatasetSpec(target="species"), "a zip's target is 'label'"),
         (DatasetSpec(task="regression"), "classification dataset"),
         (DatasetSpec(recipe="tabular"), "recipe 'image'"),
+        (DatasetSpec(recipe="pretrained"), "recipe 'image'"),  # without a base model to fine-tune
+        (DatasetSpec(base_model="tiny-vit", max_length=64), "max_length and columns are about text"),
+        (DatasetSpec(base_model="tiny-vit", columns={"label": "text"}), "max_length and columns"),
     ],
 )
 def test_a_spec_a_zip_cannot_follow_is_rejected(spec, reason):

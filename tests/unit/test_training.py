@@ -38,8 +38,11 @@ TRAINING_MODULES = (
     "checkpoint",
     "report",
     "images",
+    "image_cnn",
+    "hf_image",
     "splits",
     "arguments",
+    "parallel",
 )
 EPOCH_LINE = re.compile(
     r"^epoch=\d+ train_loss=[-+0-9.eE]+ validation_loss=[-+0-9.eE]+ validation_(accuracy|rmse)="
