@@ -26,7 +26,7 @@ LOCALSTACK_VENV  := .tools/localstack
 LOCALSTACK_STAMP := $(LOCALSTACK_VENV)/.installed
 PY313 := $(shell ls -d $$HOME/.pyenv/versions/3.13*/bin/python3.13 2>/dev/null | tail -1 | grep . || command -v python3.13)
 
-.PHONY: demo test test-unit test-fuzz test-faults test-localstack lint lint-infra install clean bench-preprocess bench-quality bench-train bench-lambda bench-e2e bench-load bench-pretrained bench
+.PHONY: demo test test-unit test-fuzz test-faults test-localstack lint lint-infra install clean bench-preprocess bench-quality bench-train bench-lambda bench-e2e bench-load bench-pretrained bench lock-hf
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "$(PYTHON) not found: conveyor needs Python 3.11+" >&2; exit 1; }
@@ -149,6 +149,10 @@ bench-load: $(STAMP)
 # recipes on the UCI Drug Review subset, fine-tuning vs a bare transformers loop, serving vs a transformers
 # pipeline, LoRA's memory vs full (about 10 minutes on a 2-core CPU; downloads two wheels, 84 MB, into
 # .bench-cache/ the first time). Results: benchmarks/results/pretrained.{json,md}.
+# training/requirements-hf.lock from requirements-hf.txt and this environment (after changing their pins).
+lock-hf: $(STAMP)
+	$(BIN)/python scripts/lock_hf_wheels.py
+
 bench-pretrained: $(STAMP)
 	$(BIN)/python benchmarks/pretrained.py $(BENCH_ARGS)
 

@@ -125,9 +125,10 @@ def quiet() -> None:
     except ImportError:
         # A DataError's message is the job's failure reason as it is (this file also serves: no loop.py).
         raise DataError(
-            "the pretrained recipe needs transformers, tokenizers and safetensors (and peft for LoRA), and "
-            "this training image has none: train in an image that has them (the Hugging Face PyTorch "
-            "training image), or add them to training/requirements.txt so the sourcedir's wheelhouse brings them"
+            "the pretrained recipes need transformers, tokenizers and safetensors (and peft for LoRA), and "
+            "this training image has none: the job should run sourcedir-hf.tar.gz, which brings their wheels "
+            "(training/requirements-hf.txt); run `conveyor publish-code` for this stack, and upload the "
+            "dataset again"
         ) from None
     transformers_logging.disable_progress_bar()
 

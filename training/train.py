@@ -73,6 +73,8 @@ __all__ = [
 
 log = logging.getLogger("train")
 HERE = Path(__file__).resolve().parent
+# Where a sourcedir brings wheels (conveyor.local.sourcedir): sourcedir-hf's hold the Hugging Face packages.
+WHEELHOUSE = "wheelhouse"
 # What `code/` in model.tar.gz needs for the SageMaker PyTorch serving container to load the model.
 SERVING_FILES = (
     "inference.py",
@@ -90,6 +92,25 @@ SERVING_REQUIREMENTS = (
 CONFIG_FORMAT_VERSION = 1
 # At most this share of free memory goes to the encoded splits; the rest is for the model, batches, Python.
 MEMORY_SHARE = 0.5
+
+
+def serving_requirements(network: nn.Module, code: Path) -> str:
+    """``code/requirements.txt``, which the serving image pip-installs when it loads the model. A fine-tuned
+    base model needs the Hugging Face packages; when this job's code brought their wheels (sourcedir-hf,
+    ``wheelhouse/`` beside train.py), they go in ``code/wheelhouse/`` too and install from there alone, so
+    the endpoint needs no index and gets exactly the versions the model was trained with."""
+    requirements = getattr(network, "serving_requirements", None)
+    if requirements is None:
+        return SERVING_REQUIREMENTS
+    wheelhouse = HERE / WHEELHOUSE
+    wheels = sorted(wheelhouse.glob("*.whl")) if wheelhouse.is_dir() else []
+    if not wheels:
+        return str(requirements)
+    (code / WHEELHOUSE).mkdir(exist_ok=True)
+    for wheel in wheels:
+        shutil.copy2(wheel, code / WHEELHOUSE / wheel.name)
+    log.info("code/ carries %d wheels for the serving image (%s)", len(wheels), WHEELHOUSE)
+    return f"# Installed from the wheels beside this file.\n--no-index\n--find-links {WHEELHOUSE}\n{requirements}"
 
 
 def choose_recipe(args: argparse.Namespace, manifest: dict[str, Any]) -> recipes.Recipe:
@@ -407,7 +428,7 @@ def save(
         log.exception("the HTML report could not be written; evaluation.json has every figure")
     for name in SERVING_FILES:
         shutil.copy2(HERE / name, code / name)
-    (code / "requirements.txt").write_text(getattr(network, "serving_requirements", SERVING_REQUIREMENTS))
+    (code / "requirements.txt").write_text(serving_requirements(network, code))
     log.info("saved the model to %s and the evaluation to %s", model_dir, output_dir)
 
 

@@ -20,6 +20,10 @@ VARIANT = "AllTraffic"
 TRAINING_CODE_KEY = "code/training/sourcedir.tar.gz"
 # Where a training job finds that tarball: its "code" input channel, which copies s3://<artifacts>/code/training/.
 SUBMIT_DIRECTORY = "/opt/ml/input/data/code/sourcedir.tar.gz"
+# The same code with the Hugging Face packages' wheels (the AWS PyTorch images lack them), for the jobs that
+# fine-tune a base model; beside the other in the same channel.
+TRAINING_CODE_HF_KEY = "code/training/sourcedir-hf.tar.gz"
+SUBMIT_DIRECTORY_HF = "/opt/ml/input/data/code/sourcedir-hf.tar.gz"
 # Where SageMaker Processing jobs find the preprocessing code (functions/common and functions/preprocess,
 # one object per file, so a ProcessingInput copies the packages as a directory tree).
 PREPROCESSING_CODE_PREFIX = "code/preprocessing/"

@@ -35,6 +35,7 @@ from common.events import ObjectRef, objects_in_message
 from common.naming import (
     PREPROCESSING_CODE_PREFIX,
     SUBMIT_DIRECTORY,
+    SUBMIT_DIRECTORY_HF,
     ResourceNames,
     data_version,
     execution_name,
@@ -319,6 +320,8 @@ def _execution_input(manifest: dict[str, Any], spec: DatasetSpec, settings: Sett
         hyperparameters.update(
             base_model=base["name"],
             base_model_digest=base["digest"],
+            # The code with transformers, tokenizers, safetensors and peft's wheels in it.
+            sagemaker_submit_directory=SUBMIT_DIRECTORY_HF,
             adapter=spec.adapter,
             **({"max_length": str(spec.max_length)} if spec.max_length else {}),
         )

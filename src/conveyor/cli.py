@@ -21,6 +21,7 @@ from typing import Any
 from conveyor import client
 from conveyor.client import ConveyorError, Target
 from conveyor.local.cloud import LocalCloudError
+from conveyor.local.sourcedir import SourcedirError
 
 # Image files `predict --file` sends as an image model's instance (the suffixes a zip upload's images take).
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
@@ -210,11 +211,14 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_publish_code(args: argparse.Namespace) -> int:
-    from conveyor.local.cloud import project_root, publish_preprocessing_code, publish_training_code
+    from conveyor.local.cloud import project_root
+    from conveyor.local.sourcedir import publish_preprocessing_code, publish_training_code
 
     target = _target(args)
     s3, bucket, root = target.client("s3"), target.outputs["ArtifactsBucketName"], project_root()
-    print(f"training code published to {publish_training_code(s3, bucket, root)}")
+    print("packaging training/ and the Hugging Face wheels for base-model jobs (about 30 MB)...", flush=True)
+    uri = publish_training_code(s3, bucket, root)
+    print(f"training code published to {uri} (and sourcedir-hf.tar.gz beside it)")
     uri = publish_preprocessing_code(s3, bucket, root)
     print(f"preprocessing code (for SageMaker Processing jobs) published to {uri}")
     return 0
@@ -439,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         return int(args.func(args))
-    except (ConveyorError, LocalCloudError) as error:
+    except (ConveyorError, LocalCloudError, SourcedirError) as error:
         print(f"conveyor: {error}", file=sys.stderr)
         return 2
 

@@ -14,7 +14,7 @@ import pytest
 from local_stack import EventInbox, Inbox, aws, signed_post, states_entered
 
 from conveyor import client
-from conveyor.local.cloud import publish_training_code
+from conveyor.local.sourcedir import publish_training_code
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,13 +157,13 @@ def test_a_broken_new_model_is_rolled_back_and_the_old_one_keeps_serving(cloud, 
     shutil.copytree(ROOT / "training", tmp_path / "training", ignore=shutil.ignore_patterns("__pycache__"))
     inference = tmp_path / "training" / "inference.py"
     inference.write_text(inference.read_text() + "\n\n" + BREAKAGES[breakage])
-    publish_training_code(s3, outputs["ArtifactsBucketName"], tmp_path)
+    publish_training_code(s3, outputs["ArtifactsBucketName"], tmp_path, hf_wheels=False)
     client = Client(outputs, name)
     client.start()
     try:
         execution = upload_and_wait(outputs, name, dataset(seed=3))
     finally:
-        publish_training_code(s3, outputs["ArtifactsBucketName"], ROOT)
+        publish_training_code(s3, outputs["ArtifactsBucketName"], ROOT, hf_wheels=False)
         answers = client.stop()
 
     assert execution["status"] == "FAILED"

@@ -303,6 +303,8 @@ def test_the_execution_input_carries_the_base_channel_or_the_refusal(target, tin
     assert base["digest"].startswith("sha256:") and base["memory"]["fits"] is True
     hps = given["training"]["hyperparameters"]
     assert (hps["base_model"], hps["adapter"], hps["max_length"]) == ("tiny-bert", "lora", "64")
+    # The job runs the code that brings transformers' wheels; a small model's job the plain code.
+    assert hps["sagemaker_submit_directory"] == "/opt/ml/input/data/code/sourcedir-hf.tar.gz"
     assert "refused" not in given
     missing = app._execution_input(manifest, DatasetSpec(base_model="no-such-base"), settings)
     assert missing["refused"]["Error"] == "BaseModelRefused"
@@ -311,6 +313,7 @@ def test_the_execution_input_carries_the_base_channel_or_the_refusal(target, tin
     )
     plain = app._execution_input(manifest, DatasetSpec(), settings)
     assert plain["training"]["base"] == {"index": 0, "uri": ""} and "refused" not in plain
+    assert plain["training"]["hyperparameters"]["sagemaker_submit_directory"].endswith("/sourcedir.tar.gz")
 
 
 def test_the_instance_is_chosen_to_fit_the_base_when_the_spec_names_none(target, tiny_bert, monkeypatch):

@@ -369,7 +369,7 @@ def test_publish_code_puts_the_preprocessing_packages_where_the_job_reads_them_a
     import boto3
     from moto import mock_aws
 
-    from conveyor.local.cloud import publish_preprocessing_code
+    from conveyor.local.sourcedir import publish_preprocessing_code
 
     with mock_aws():
         s3 = boto3.client("s3", region_name="us-east-1")

@@ -1173,7 +1173,7 @@ def test_the_code_version_names_the_code_that_ran(tmp_path, training_modules):
 def test_published_training_code_carries_the_commit_it_came_from():
     import tarfile
 
-    from conveyor.local.cloud import training_sourcedir
+    from conveyor.local.sourcedir import training_sourcedir
 
     with tarfile.open(fileobj=io.BytesIO(training_sourcedir(ROOT))) as tar:
         stamp = tar.extractfile("CODE_VERSION").read().decode().strip()
@@ -1202,7 +1202,7 @@ def test_training_requirements_travel_as_wheels_a_network_isolated_job_installs(
     import io
     import tarfile
 
-    from conveyor.local.cloud import LocalCloudError, training_sourcedir
+    from conveyor.local.sourcedir import SourcedirError, training_sourcedir
     from conveyor.local.training import install_requirements
 
     training = tmp_path / "project/training"
@@ -1230,15 +1230,89 @@ def test_training_requirements_travel_as_wheels_a_network_isolated_job_installs(
     ran = subprocess.run([sys.executable, "train.py"], cwd=code, env=env, capture_output=True, text=True)
     assert ran.stdout.strip() == "42", ran.stderr
     (training / "requirements.txt").write_text("missingdep==1.0\n")
-    with pytest.raises(
-        LocalCloudError, match="could not be downloaded; every requirement needs such a wheel"
-    ):
+    with pytest.raises(SourcedirError, match="could not be downloaded; every requirement needs such a wheel"):
         training_sourcedir(tmp_path / "project", pip_index=local_index)
     # The project's own training code needs nothing beyond the image: no wheelhouse, nothing to install.
     with tarfile.open(fileobj=io.BytesIO(training_sourcedir(ROOT))) as tar:
         assert not [name for name in tar.getnames() if name.startswith("wheelhouse")]
         tar.extractall(tmp_path / "ours", filter="data")
     assert install_requirements(tmp_path / "ours", tmp_path / "none", sys.executable) is None
+
+
+def test_base_model_jobs_code_brings_the_hugging_face_wheels_without_their_torch(tmp_path):
+    import tarfile
+
+    from conveyor.local.sourcedir import training_sourcedir
+    from conveyor.local.training import install_requirements
+
+    training = tmp_path / "project/training"
+    training.mkdir(parents=True)
+    (training / "train.py").write_text("import tinydep\nprint(tinydep.ANSWER)\n")
+    (training / "requirements-hf.txt").write_text("# the pretrained recipes' packages\ntinydep==0.1\n")
+    # The lock's packages are downloaded one by one, without dependencies (torch is the image's).
+    (training / "requirements-hf.lock").write_text("tinydep==0.1\n")
+    index = tmp_path / "index"
+    index.mkdir()
+    tiny_wheel(index)
+    local_index = ["--no-index", "--find-links", str(index)]
+    with tarfile.open(
+        fileobj=io.BytesIO(training_sourcedir(tmp_path / "project", pip_index=local_index))
+    ) as tar:
+        assert not [n for n in tar.getnames() if n.startswith("wheelhouse") or n == "requirements.txt"]
+    archive = training_sourcedir(tmp_path / "project", pip_index=local_index, hf_wheels=True)
+    code = tmp_path / "code"
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        assert "wheelhouse/tinydep-0.1-py3-none-any.whl" in tar.getnames()
+        tar.extractall(code, filter="data")
+    lines = (code / "requirements.txt").read_text().splitlines()
+    assert lines[1:3] == ["--no-index", "--find-links wheelhouse"] and lines[-1] == "tinydep==0.1"
+    packages = install_requirements(code, tmp_path / "packages", sys.executable)
+    env = {**os.environ, "PYTHONPATH": str(packages), "PIP_NO_INDEX": "1"}
+    ran = subprocess.run([sys.executable, "train.py"], cwd=code, env=env, capture_output=True, text=True)
+    assert ran.stdout.strip() == "42", ran.stderr
+
+
+def test_the_hugging_face_lock_pins_what_pyproject_pins_and_everything_they_need():
+    import tomllib
+
+    from conveyor.local.jobs import requirement_lines
+    from conveyor.local.sourcedir import hf_closure
+
+    pins = dict(
+        line.split("==") for line in requirement_lines((TRAINING / "requirements-hf.txt").read_text())
+    )
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"][
+        "train"
+    ]
+    declared = dict(d.split("==") for d in project if "==" in d)
+    assert pins == {name: declared[name] for name in pins}, "requirements-hf.txt and pyproject.toml differ"
+    locked = dict(
+        line.split("==") for line in requirement_lines((TRAINING / "requirements-hf.lock").read_text())
+    )
+    assert {name: locked[name] for name in pins} == pins
+    assert not {"torch", "numpy", "nvidia-cudnn-cu12"} & set(locked), "the image brings torch and numpy"
+    # Every package the pinned ones need here (versions of the others may move; `make lock-hf` updates them).
+    missing = set(hf_closure(list(pins))) - set(locked)
+    assert not missing, f"training/requirements-hf.lock lacks {sorted(missing)}: run `make lock-hf`"
+
+
+def test_a_fine_tuned_models_code_carries_the_wheels_its_job_brought(tmp_path, monkeypatch):
+    with modules_from(TRAINING) as load:
+        train = load("train")
+        network = SimpleNamespace()  # a network as the function reads it
+        code = tmp_path / "code"
+        code.mkdir()
+        # A small model serves with the image's packages alone.
+        assert "transformers" not in train.serving_requirements(network, code)
+        network.serving_requirements = "transformers==5.23.0\n"
+        assert train.serving_requirements(network, code) == "transformers==5.23.0\n"  # local: no wheels
+        here = tmp_path / "opt/ml/code"
+        (here / "wheelhouse").mkdir(parents=True)
+        tiny_wheel(here / "wheelhouse")
+        monkeypatch.setattr(train, "HERE", here)
+        text = train.serving_requirements(network, code)
+    assert text.splitlines()[1:] == ["--no-index", "--find-links wheelhouse", "transformers==5.23.0"]
+    assert (code / "wheelhouse/tinydep-0.1-py3-none-any.whl").is_file()
 
 
 # --- scale: checkpoints and several processes ------------------------------------------------------------

@@ -14,13 +14,11 @@ import os
 import secrets
 import shutil
 import socket
-import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +29,9 @@ from moto.server import ThreadedMotoServer
 
 from conveyor.local.events import RULE_EVENT_TYPES, EventBridgeBus
 from conveyor.local.hosting import HostingAdapter, free_port
-from conveyor.local.jobs import requirement_lines
 from conveyor.local.lambdas import FunctionSpec, LambdaRuntime, SqsEventSource
 from conveyor.local.processing import ProcessingAdapter
+from conveyor.local.sourcedir import publish_preprocessing_code, publish_training_code
 from conveyor.local.stepfunctions import StepFunctionsAdapter
 from conveyor.local.template import Stack
 from conveyor.local.training import TrainingAdapter
@@ -432,9 +430,13 @@ class LocalCloud:
         return send
 
     def publish_training_code(self) -> str:
-        """Upload training/ as the `sagemaker_submit_directory` tarball the pipeline's jobs run."""
+        """Upload training/ as the `sagemaker_submit_directory` tarballs the pipeline's jobs run. Without the
+        Hugging Face wheels: local jobs run in conveyor's own environment, which has those packages."""
         return publish_training_code(
-            self.client("s3"), self.stack.resources["ArtifactsBucket"].attributes["Ref"], self.root
+            self.client("s3"),
+            self.stack.resources["ArtifactsBucket"].attributes["Ref"],
+            self.root,
+            hf_wheels=False,
         )
 
     def publish_preprocessing_code(self) -> str:
@@ -540,149 +542,6 @@ class LocalCloud:
             CaBundle=str(self.ca_bundle),
         )
         return outputs
-
-
-def publish_training_code(s3: Any, artifacts_bucket: str, root: Path) -> str:
-    """Upload training/ as SageMaker's `sourcedir.tar.gz` where the pipeline's jobs look for it."""
-    make_functions_importable(root)
-    from common.naming import TRAINING_CODE_KEY
-
-    s3.put_object(Bucket=artifacts_bucket, Key=TRAINING_CODE_KEY, Body=training_sourcedir(root))
-    return f"s3://{artifacts_bucket}/{TRAINING_CODE_KEY}"
-
-
-# The training image's platform (AWS PyTorch DLC: Linux x86_64, CPython 3.11), for the wheels of
-# training/requirements.txt; a pure-Python wheel fits any.
-WHEEL_PLATFORMS = ("manylinux2014_x86_64", "manylinux_2_28_x86_64")
-WHEEL_PYTHON = "3.11"
-WHEELHOUSE = "wheelhouse"
-
-
-def training_sourcedir(root: Path, pip_index: Sequence[str] = ()) -> bytes:
-    """training/ as SageMaker's sourcedir.tar.gz (files at the archive's top level).
-
-    The training container pip-installs the archive's requirements.txt before it starts train.py, and a
-    network-isolated job cannot reach PyPI. So when training/requirements.txt names packages, their wheels
-    for the training image's platform travel in the archive (``wheelhouse/``), and its requirements.txt
-    installs from there alone (``--no-index --find-links wheelhouse``).
-
-    Parameters
-    ----------
-    root
-        The project (holding training/).
-    pip_index
-        pip options choosing where the wheels are downloaded from (pip's configuration when empty).
-
-    Raises
-    ------
-    LocalCloudError
-        When a requirement has no wheel for the training image's platform.
-    """
-    training = root / "training"
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for path in sorted(training.rglob("*")):
-            if "__pycache__" in path.parts or path.suffix == ".pyc" or path.name == "requirements.txt":
-                continue
-            tar.add(path, arcname=str(path.relative_to(training)), recursive=False)
-        listed = training / "requirements.txt"
-        requirements = listed.read_text() if listed.exists() else ""
-        if requirement_lines(requirements):
-            with tempfile.TemporaryDirectory() as wheels:
-                _download_wheels(training / "requirements.txt", Path(wheels), pip_index)
-                for wheel in sorted(Path(wheels).iterdir()):
-                    tar.add(wheel, arcname=f"{WHEELHOUSE}/{wheel.name}", recursive=False)
-            requirements = (
-                "# Installed from the wheels beside this file: a network-isolated job cannot reach an index.\n"
-                f"--no-index\n--find-links {WHEELHOUSE}\n" + requirements
-            )
-        if listed.exists():
-            _add_bytes(tar, "requirements.txt", requirements.encode())
-        # Which commit this code came from, for the Model Registry (train.py reports it with a digest).
-        _add_bytes(tar, "CODE_VERSION", f"{git_version(training)}\n".encode())
-    return buffer.getvalue()
-
-
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), int(time.time()), 0o644
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _download_wheels(requirements: Path, destination: Path, pip_index: Sequence[str]) -> None:
-    platforms = [option for platform in WHEEL_PLATFORMS for option in ("--platform", platform)]
-    command = [
-        sys.executable,
-        *("-m", "pip", "download", "--quiet", "--only-binary=:all:", *platforms),
-        *("--python-version", WHEEL_PYTHON, "--implementation", "cp", "--dest", str(destination)),
-        *pip_index,
-        *("-r", str(requirements)),
-    ]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    if completed.returncode != 0:
-        raise LocalCloudError(
-            f"the wheels of {requirements} for the training image (Linux x86_64, Python {WHEEL_PYTHON}) "
-            f"could not be downloaded; every requirement needs such a wheel:\n{completed.stderr[-2000:]}"
-        )
-
-
-def git_version(directory: Path) -> str:
-    """`git:<commit>` of the checkout `directory` is in (`+changes` if it differs from that commit), or
-    `git:none` outside a git checkout."""
-    try:
-        commit = subprocess.run(
-            ["git", "-C", str(directory), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-        changes = subprocess.run(
-            ["git", "-C", str(directory), "status", "--porcelain", "--", "."],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=10,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "git:none"
-    return f"git:{commit}{'+changes' if changes else ''}"
-
-
-def preprocessing_code_files(root: Path) -> dict[str, Path]:
-    """What a Processing job needs to run `python3 -m preprocess.processing`: functions/common and
-    functions/preprocess, by their path below functions/ (the job's PYTHONPATH)."""
-    functions = root / "functions"
-    return {
-        path.relative_to(functions).as_posix(): path
-        for package in ("common", "preprocess")
-        for path in sorted((functions / package).rglob("*.py"))
-        if "__pycache__" not in path.parts
-    }
-
-
-def publish_preprocessing_code(s3: Any, artifacts_bucket: str, root: Path) -> str:
-    """Upload the preprocessing code, one object per file, under the prefix the Processing jobs copy; remove
-    files that are no longer part of it, so a job never imports a stale module."""
-    make_functions_importable(root)
-    from common.naming import PREPROCESSING_CODE_PREFIX
-
-    files = preprocessing_code_files(root)
-    for relative, path in files.items():
-        s3.put_object(
-            Bucket=artifacts_bucket, Key=PREPROCESSING_CODE_PREFIX + relative, Body=path.read_bytes()
-        )
-    stale = [
-        {"Key": obj["Key"]}
-        for page in s3.get_paginator("list_objects_v2").paginate(
-            Bucket=artifacts_bucket, Prefix=PREPROCESSING_CODE_PREFIX
-        )
-        for obj in page.get("Contents", [])
-        if obj["Key"][len(PREPROCESSING_CODE_PREFIX) :] not in files
-    ]
-    for start in range(0, len(stale), 1000):
-        s3.delete_objects(Bucket=artifacts_bucket, Delete={"Objects": stale[start : start + 1000]})
-    return f"s3://{artifacts_bucket}/{PREPROCESSING_CODE_PREFIX}"
 
 
 def _placeholder_zip() -> bytes:
