@@ -33,13 +33,15 @@ from torch import nn
 
 from data import DataError, Encoder
 from hf_text import (
-    ADAPTER_DIRECTORY,
     LORA_ALPHA,
     LORA_DROPOUT,
     LORA_RANK,
     MODEL_DIRECTORY,
     SERVING_REQUIREMENTS,
+    decay_groups,
     quiet,
+    ready_to_train,
+    save_fine_tuned,
     verify_base,
 )
 
@@ -229,11 +231,7 @@ class ImageClassifier(nn.Module):
 
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW's groups: weight decay on weight matrices and kernels, none on biases and norms (1-D)."""
-        trained = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in trained if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0},
-        ]
+        return decay_groups(self, weight_decay)
 
     def architecture(self) -> dict[str, Any]:
         """What serving needs to load the model (``model_config.json``); the weights are in ``hf/``."""
@@ -247,12 +245,7 @@ class ImageClassifier(nn.Module):
     def save_weights(self, model_dir: Path) -> None:
         """The fine-tuned model in ``hf/`` (safetensors) with the base's preprocessor_config.json; a LoRA
         run's adapter alone in ``adapter/`` too, and ``hf/`` then holds it merged into the base."""
-        model: Any = self.model
-        if self.info.get("adapter") == "lora":
-            model.save_pretrained(str(model_dir / ADAPTER_DIRECTORY))
-            model = model.merge_and_unload()
-            self.model = model
-        model.save_pretrained(str(model_dir / MODEL_DIRECTORY))
+        self.model = save_fine_tuned(self.model, self.info, model_dir)
         if self.base_directory is not None and (self.base_directory / PREPROCESSOR_FILE).is_file():
             shutil.copy2(
                 self.base_directory / PREPROCESSOR_FILE, model_dir / MODEL_DIRECTORY / PREPROCESSOR_FILE
@@ -273,38 +266,8 @@ def build_classifier(args: argparse.Namespace, encoder: Encoder) -> ImageClassif
         local_files_only=True,
         dtype=torch.float32,  # float32 weights; the steps autocast to bf16 on a GPU
     )
-    new_keys = [
-        k if isinstance(k, str) else k[0] for k in [*loading["missing_keys"], *loading["mismatched_keys"]]
-    ]
-    new_modules = sorted({key.split(".")[0] for key in new_keys})
-    parameters = sum(p.numel() for p in model.parameters())
-    if args.gradient_checkpointing == "true":
-        if not model.supports_gradient_checkpointing:
-            raise DataError(
-                f"base model {args.base_model} ({model.config.model_type}) does not support gradient "
-                'checkpointing: remove "gradient_checkpointing" from the hyperparameters'
-            )
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if args.adapter == "lora":
-        model = with_lora(model, list(new_modules))
-    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info(
-        "%s: %d parameters, %d trained (%s adapter); new, randomly initialised: %s",
-        args.base_model,
-        parameters,
-        trained,
-        args.adapter,
-        ", ".join(new_modules) or "nothing",
-    )
-    info = {
-        "base_model": args.base_model,
-        "base_model_digest": args.base_model_digest,
-        "model_type": getattr(model.config, "model_type", None),
-        "adapter": args.adapter,
-        "num_labels": encoder.output_width,
-        "parameters": parameters,
-        "trained_parameters": trained,
-    }
+    model, info = ready_to_train(model, loading, args, with_lora)
+    info["num_labels"] = encoder.output_width
     return ImageClassifier(model, info, args.preprocessing, args.base)
 
 

@@ -231,11 +231,7 @@ class SequenceClassifier(nn.Module):
 
     def parameter_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW's groups: weight decay on the weight matrices, none on biases and LayerNorm (1-D)."""
-        trained = [p for p in self.parameters() if p.requires_grad]
-        return [
-            {"params": [p for p in trained if p.ndim >= 2], "weight_decay": weight_decay},
-            {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0},
-        ]
+        return decay_groups(self, weight_decay)
 
     def architecture(self) -> dict[str, Any]:
         """What serving needs to load the model (``model_config.json``); the weights are in ``hf/``."""
@@ -244,12 +240,7 @@ class SequenceClassifier(nn.Module):
     def save_weights(self, model_dir: Path) -> None:
         """The fine-tuned model and its tokenizer in ``hf/`` (safetensors); a LoRA run's adapter alone in
         ``adapter/`` too, and ``hf/`` then holds it merged into the base, so serving runs one plain model."""
-        model: Any = self.model
-        if self.info.get("adapter") == "lora":
-            model.save_pretrained(str(model_dir / ADAPTER_DIRECTORY))
-            model = model.merge_and_unload()
-            self.model = model
-        model.save_pretrained(str(model_dir / MODEL_DIRECTORY))
+        self.model = save_fine_tuned(self.model, self.info, model_dir)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(str(model_dir / MODEL_DIRECTORY))
 
@@ -277,15 +268,38 @@ def build_classifier(args: argparse.Namespace, encoder: Encoder) -> SequenceClas
         dtype=torch.float32,  # float32 weights; the steps autocast to bf16 on a GPU
         **names,
     )
+    model, info = ready_to_train(model, loading, args, with_lora)
+    info.update(max_length=encoder.sequence_length, num_labels=encoder.output_width)
+    return SequenceClassifier(model, info, encoder.tokenizer)
+
+
+def ready_to_train(
+    model: Any, loading: Mapping[str, Any], args: argparse.Namespace, lora: Any
+) -> tuple[nn.Module, dict[str, Any]]:
+    """A base loaded with a new head (``from_pretrained(..., output_loading_info=True)``) made ready as
+    `args` asks: gradient checkpointing, and `lora(model, new_modules)` for the LoRA adapter (the new modules,
+    named from the loading info, train whole). Logs what trains; returns the model and what every fine-tuned
+    model's architecture records of it.
+
+    Raises
+    ------
+    DataError
+        When gradient checkpointing is asked of a model type that does not support it.
+    """
     new_keys = [
         k if isinstance(k, str) else k[0] for k in [*loading["missing_keys"], *loading["mismatched_keys"]]
     ]
     new_modules = sorted({key.split(".")[0] for key in new_keys})
     parameters = sum(p.numel() for p in model.parameters())
     if args.gradient_checkpointing == "true":
+        if not model.supports_gradient_checkpointing:
+            raise DataError(
+                f"base model {args.base_model} ({model.config.model_type}) does not support gradient "
+                'checkpointing: remove "gradient_checkpointing" from the hyperparameters'
+            )
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.adapter == "lora":
-        model = with_lora(model, list(new_modules))  # peft extends the list it is given
+        model = lora(model, list(new_modules))  # peft extends the list it is given
     trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(
         "%s: %d parameters, %d trained (%s adapter); new, randomly initialised: %s",
@@ -300,12 +314,30 @@ def build_classifier(args: argparse.Namespace, encoder: Encoder) -> SequenceClas
         "base_model_digest": args.base_model_digest,
         "model_type": getattr(model.config, "model_type", None),
         "adapter": args.adapter,
-        "max_length": encoder.sequence_length,
-        "num_labels": encoder.output_width,
         "parameters": parameters,
         "trained_parameters": trained,
     }
-    return SequenceClassifier(model, info, encoder.tokenizer)
+    return model, info
+
+
+def decay_groups(network: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW's groups of a fine-tuned network: decay on weight matrices and kernels, none on biases and
+    norms (1-D)."""
+    trained = [p for p in network.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in trained if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in trained if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def save_fine_tuned(model: Any, info: Mapping[str, Any], model_dir: Path) -> Any:
+    """Save a fine-tuned model in ``hf/`` (safetensors); a LoRA run's adapter alone in ``adapter/`` too,
+    and ``hf/`` then holds it merged into the base. Returns the model as saved (merged)."""
+    if info.get("adapter") == "lora":
+        model.save_pretrained(str(model_dir / ADAPTER_DIRECTORY))
+        model = model.merge_and_unload()
+    model.save_pretrained(str(model_dir / MODEL_DIRECTORY))
+    return model
 
 
 def with_lora(model: nn.Module, new_modules: list[str]) -> nn.Module:
